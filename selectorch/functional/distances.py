@@ -1,0 +1,63 @@
+"""Distances between query rows and reference rows."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+METRICS = ("euclidean", "cosine")
+
+
+def prepare_bank(bank: torch.Tensor, metric: str) -> torch.Tensor:
+    """Return the form in which a reference bank is stored for ``metric``.
+
+    Cosine banks are stored L2-normalised so that a query needs one matrix product.
+
+    Args:
+        bank: Reference embeddings, shape ``(M, D)``.
+        metric: ``"euclidean"`` or ``"cosine"``.
+
+    Returns:
+        Tensor of shape ``(M, D)``.
+    """
+    return F.normalize(bank, dim=1) if metric == "cosine" else bank
+
+
+def pairwise_distance(
+    query: torch.Tensor,
+    bank: torch.Tensor,
+    metric: str = "euclidean",
+    *,
+    squared: bool = False,
+    bank_sq_norms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Distances between every query row and every bank row.
+
+    Euclidean distances use ``|q|^2 + |b|^2 - 2 q.b`` (one matrix product), clamped at zero.
+    Cosine distance is ``1 - cos(q, b)``; ``bank`` must already be normalised
+    (see :func:`prepare_bank`).
+
+    Args:
+        query: Query embeddings, shape ``(B, D)``.
+        bank: Reference embeddings, shape ``(M, D)``, in the form of :func:`prepare_bank`.
+        metric: ``"euclidean"`` or ``"cosine"``.
+        squared: For euclidean, return squared distances (cheaper, same order).
+        bank_sq_norms: Optional precomputed ``(M,)`` squared norms of ``bank`` (euclidean only).
+
+    Returns:
+        Tensor of shape ``(B, M)``.
+
+    Example:
+        >>> d = pairwise_distance(torch.zeros(1, 2), torch.tensor([[3.0, 4.0]]))
+        >>> d.item()
+        5.0
+    """
+    if metric == "cosine":
+        return 1.0 - F.normalize(query, dim=1) @ bank.T
+    if metric != "euclidean":
+        raise ValueError(f"Expected argument `metric` to be one of {METRICS}, got {metric!r}.")
+    if bank_sq_norms is None:
+        bank_sq_norms = bank.pow(2).sum(dim=1)
+    sq = (query.pow(2).sum(dim=1, keepdim=True) + bank_sq_norms) - 2.0 * (query @ bank.T)
+    sq = sq.clamp_min(0.0)
+    return sq if squared else sq.sqrt()

@@ -1,0 +1,94 @@
+"""Pooling of a layer's output into one ``(B, D)`` row per sample, with einops."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Union
+
+import torch
+from einops import rearrange, reduce
+
+POOLS = ("auto", "avg", "cls", "mean", "flatten", "none")
+
+#: A pooling choice: one of :data:`POOLS` or a callable ``(Tensor) -> Tensor``.
+Pool = Union[str, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def check_pool(pool: Any, name: str = "pool") -> Pool:
+    """Return ``pool`` if it is a known pooling name or a callable, else raise ``ValueError``."""
+    if callable(pool) or pool in POOLS:
+        return pool
+    raise ValueError(f"Expected argument `{name}` to be one of {POOLS} or a callable, got {pool!r}.")
+
+
+def first_tensor(output: Any, layer: str) -> torch.Tensor:
+    """The tensor in a layer's output: itself, the first tensor of a tuple/list or mapping.
+
+    Raises:
+        TypeError: The output holds no tensor.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        candidates = list(output.values())
+    elif isinstance(output, (tuple, list)):
+        candidates = list(output)
+    else:
+        candidates = []
+    for value in candidates:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(
+        f"Layer {layer!r} returned {type(output).__name__}, which holds no tensor to record; "
+        "record another layer or pass pool=callable to extract one."
+    )
+
+
+def pool_features(x: torch.Tensor, pool: Pool = "auto", layer: str = "layer") -> torch.Tensor:
+    """Pool one layer's batch-first output into ``(B, D)``.
+
+    * ``"auto"``: ``(B, D)`` unchanged; ``(B, T, D)`` token sequences -> class token (``"cls"``,
+      robust to padding); ``(B, C, *spatial)`` feature maps of 4 or more dims -> ``"avg"``.
+    * ``"avg"``: mean over every dim after the channel dim: ``(B, C, ...) -> (B, C)``.
+    * ``"cls"``: first token of ``(B, T, D)``.
+    * ``"mean"``: mean over the tokens of ``(B, T, D)`` (padding tokens included).
+    * ``"flatten"``: ``(B, ...) -> (B, prod(...))``.
+    * ``"none"``: unchanged, any shape.
+    * a callable ``f(x) -> Tensor`` for anything else (channels-last maps, masked means, ...).
+
+    Args:
+        x: The layer's output, batch first.
+        pool: The pooling choice.
+        layer: The layer's name, for error messages.
+
+    Returns:
+        The pooled tensor, ``(B, D)`` for every choice but ``"none"`` and callables.
+
+    Raises:
+        ValueError: The choice does not apply to the output's shape.
+    """
+    if callable(pool):
+        return pool(x)
+    if pool == "none":
+        return x
+    if pool == "auto":
+        if x.ndim == 2:
+            return x
+        pool = "cls" if x.ndim == 3 else "avg"
+    if x.ndim < 2:
+        raise ValueError(
+            f"Layer {layer!r} output has shape {tuple(x.shape)}; expected a batch-first tensor "
+            "with at least 2 dims. Record another layer or pass pool=callable."
+        )
+    if pool == "flatten":
+        return rearrange(x, "b ... -> b (...)")
+    if pool == "avg":
+        return reduce(x, "b c ... -> b c", "mean") if x.ndim > 2 else x
+    if x.ndim != 3:
+        raise ValueError(
+            f"pool={pool!r} expects a (B, T, D) token sequence from layer {layer!r}, "
+            f"got shape {tuple(x.shape)}."
+        )
+    if pool == "cls":
+        return x[:, 0]
+    return reduce(x, "b t d -> b d", "mean")

@@ -10,11 +10,15 @@ from typing import Any
 
 import torch
 
+from selectorch.functional.finite import finite_rows
+
 
 def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
     """Return ``value`` if it is an ``int`` of at least ``minimum``, else raise ``ValueError``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Expected argument `{name}` to be an integer >= {minimum}, got {value!r}.")
+        raise ValueError(
+            f"Expected argument `{name}` to be an integer >= {minimum}, got {value!r}."
+        )
     return value
 
 
@@ -59,7 +63,9 @@ def check_matrix(name: str, value: Any, *, dim: int | None = None) -> torch.Tens
         ValueError: ``value`` is not two-dimensional or its feature dimension differs from ``dim``.
     """
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"Expected argument `{name}` to be a torch.Tensor, got {type(value).__name__}.")
+        raise TypeError(
+            f"Expected argument `{name}` to be a torch.Tensor, got {type(value).__name__}."
+        )
     if not value.is_floating_point():
         raise TypeError(
             f"Expected argument `{name}` to be a floating-point tensor, got dtype {value.dtype}."
@@ -78,7 +84,7 @@ def check_matrix(name: str, value: Any, *, dim: int | None = None) -> torch.Tens
 
 def check_finite_rows(name: str, value: torch.Tensor) -> torch.Tensor:
     """Raise ``ValueError`` counting the rows of ``value`` that hold NaN or Inf."""
-    bad = ~torch.isfinite(value.reshape(value.shape[0], -1)).all(dim=1)
+    bad = ~finite_rows(value)
     n_bad = int(bad.sum())
     if n_bad:
         first = bad.nonzero().flatten()[:5].tolist()

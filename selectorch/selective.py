@@ -1,4 +1,4 @@
-"""SelectiveModel: any model's output, an uncertainty score and a keep/reject decision, in one pass."""
+"""SelectiveModel: a model's output, an uncertainty score and a keep/reject decision in one pass."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from tqdm.auto import tqdm
 
 from selectorch._checks import check_fraction, check_int
 from selectorch.data import iter_batches, module_device, to_device
+from selectorch.functional.finite import finite_rows
 from selectorch.recorder.hooks import LayerHooks
+from selectorch.recorder.layers import check_not_compiled
 from selectorch.recorder.pooling import Pool
 from selectorch.scores.base import Score
 
@@ -34,7 +36,7 @@ class SelectiveOutput(NamedTuple):
 
 
 def logits_from_output(output: Any) -> torch.Tensor | None:
-    """Find the logits in a model's output: a tensor, a ``logits`` key/attribute, or a tuple's first tensor."""
+    """The logits in a model's output: a tensor, a ``logits`` key or attribute, a tuple's first."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, Mapping):
@@ -54,7 +56,7 @@ def _finite_rows(tensors: Iterable[Any], batch: int, device: torch.device) -> to
     ok = torch.ones(batch, dtype=torch.bool, device=device)
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.ndim and t.shape[0] == batch:
-            ok = ok & torch.isfinite(t.reshape(batch, -1)).all(dim=1).to(device)
+            ok = ok & finite_rows(t).to(device)
     return ok
 
 
@@ -114,6 +116,7 @@ class SelectiveModel(nn.Module):
             raise TypeError(
                 f"Expected argument `score` to be a selectorch Score, got {type(score).__name__}."
             )
+        check_not_compiled(model)
         if layer is None and score.input == "embedding":
             raise ValueError(
                 f"{type(score).__name__} scores embeddings: pass layer=... naming the layer to "
@@ -142,10 +145,9 @@ class SelectiveModel(nn.Module):
         if hooks is not None:
             if hooks.closed:
                 raise RuntimeError("This SelectiveModel was closed; its hooks are gone.")
-            hooks.start()
+            output, records = hooks.run(self.model, args, kwargs)
+            return output, records[_FEATURES]
         output = self.model(*args, **kwargs)
-        if hooks is not None:
-            return output, hooks.pop()[_FEATURES]
         logits = logits_from_output(output)
         if logits is None:
             raise TypeError(
@@ -187,7 +189,9 @@ class SelectiveModel(nn.Module):
         device = module_device(self.model)
         features: list[torch.Tensor] = []
         labels: list[torch.Tensor] = []
-        total = len(data) if hasattr(data, "__len__") and not isinstance(data, torch.Tensor) else None
+        total = (
+            len(data) if hasattr(data, "__len__") and not isinstance(data, torch.Tensor) else None
+        )
         batches = iter_batches(data, y, batch_size=batch_size)
         with _eval_mode(self.model):
             for batch in tqdm(batches, desc=desc, total=total, disable=not progress, leave=False):
@@ -197,7 +201,9 @@ class SelectiveModel(nn.Module):
                 if batch.labels is not None:
                     labels.append(batch.labels.to(feats.device))
         if not features:
-            raise ValueError(f"Expected argument `data` to yield at least one batch for {desc}, got none.")
+            raise ValueError(
+                f"Expected argument `data` to yield at least one batch for {desc}, got none."
+            )
         if labels and len(labels) != len(features):
             raise ValueError(
                 f"Only {len(labels)} of {len(features)} batches carried labels; give labels for "

@@ -63,9 +63,7 @@ def knn_search(
     for start in range(0, n_bank, chunk):
         stop = min(start + chunk, n_bank)
         norms = bank_sq_norms[start:stop] if squared else None
-        d = pairwise_distance(
-            query, bank[start:stop], metric, squared=squared, bank_sq_norms=norms
-        )
+        d = pairwise_distance(query, bank[start:stop], metric, squared=squared, bank_sq_norms=norms)
         d, i = d.topk(min(k, stop - start), dim=1, largest=False)
         i = i + start
         if best_d is None:

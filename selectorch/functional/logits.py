@@ -27,7 +27,7 @@ def softmax_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
 
 
 def energy_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Free energy ``-T * logsumexp(logits / T)`` (Liu et al. 2020); higher means less in-distribution.
+    """Free energy ``-T * logsumexp(logits / T)`` (Liu et al. 2020): higher = less in-distribution.
 
     Args:
         logits: ``(N, C)`` logits; half precision is computed in float32.

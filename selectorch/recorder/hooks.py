@@ -33,9 +33,15 @@ class _StoreHook:
         x = first_tensor(output, self.layer)
         if self.detach:
             x = x.detach()
+        pooled = pool_features(x, self.pool, self.layer)
+        if pooled.ndim == 0:
+            raise ValueError(
+                f"Layer {self.layer!r} gave a 0-dim tensor after pooling; expected a batch-first "
+                "tensor (B, ...). Check the pool callable or record another layer."
+            )
         if self.key in owner.store:
             owner.repeated.add(self.layer)
-        owner.store[self.key] = pool_features(x, self.pool, self.layer)
+        owner.store[self.key] = pooled
 
 
 class LayerHooks:
@@ -89,6 +95,27 @@ class LayerHooks:
         self.store.clear()
         self.repeated.clear()
         self.recording = True
+
+    def stop(self) -> None:
+        """Stop recording and drop what was recorded (after the model raised)."""
+        self.recording = False
+        self.store.clear()
+        self.repeated.clear()
+
+    def run(
+        self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Any, dict[str, torch.Tensor]]:
+        """Call ``model(*args, **kwargs)`` while recording; return its output and the records.
+
+        Recording stops even when the model raises, so later direct calls record nothing.
+        """
+        self.start()
+        try:
+            output = model(*args, **kwargs)
+        except BaseException:
+            self.stop()
+            raise
+        return output, self.pop()
 
     def pop(self) -> dict[str, torch.Tensor]:
         """Stop recording and hand over what was recorded, leaving nothing behind.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Union
+from typing import Any
 
 import torch
 from einops import rearrange, reduce
@@ -11,14 +11,16 @@ from einops import rearrange, reduce
 POOLS = ("auto", "avg", "cls", "mean", "flatten", "none")
 
 #: A pooling choice: one of :data:`POOLS` or a callable ``(Tensor) -> Tensor``.
-Pool = Union[str, Callable[[torch.Tensor], torch.Tensor]]
+Pool = str | Callable[[torch.Tensor], torch.Tensor]
 
 
 def check_pool(pool: Any, name: str = "pool") -> Pool:
     """Return ``pool`` if it is a known pooling name or a callable, else raise ``ValueError``."""
     if callable(pool) or pool in POOLS:
         return pool
-    raise ValueError(f"Expected argument `{name}` to be one of {POOLS} or a callable, got {pool!r}.")
+    raise ValueError(
+        f"Expected argument `{name}` to be one of {POOLS} or a callable, got {pool!r}."
+    )
 
 
 def first_tensor(output: Any, layer: str) -> torch.Tensor:
@@ -62,18 +64,20 @@ def pool_features(x: torch.Tensor, pool: Pool = "auto", layer: str = "layer") ->
         layer: The layer's name, for error messages.
 
     Returns:
-        The pooled tensor, ``(B, D)`` for every choice but ``"none"`` and callables.
+        The pooled tensor, ``(B, D)`` for every choice but ``"none"`` and callables. It never
+        shares memory with ``x``: results that would be views are cloned, so in-place operations
+        the model applies later (``ReLU(inplace=True)``, ``out += identity``) cannot change it.
 
     Raises:
         ValueError: The choice does not apply to the output's shape.
     """
     if callable(pool):
-        return pool(x)
+        return pool(x).clone()
     if pool == "none":
-        return x
+        return x.clone()
     if pool == "auto":
         if x.ndim == 2:
-            return x
+            return x.clone()
         pool = "cls" if x.ndim == 3 else "avg"
     if x.ndim < 2:
         raise ValueError(
@@ -81,14 +85,14 @@ def pool_features(x: torch.Tensor, pool: Pool = "auto", layer: str = "layer") ->
             "with at least 2 dims. Record another layer or pass pool=callable."
         )
     if pool == "flatten":
-        return rearrange(x, "b ... -> b (...)")
+        return rearrange(x, "b ... -> b (...)").clone()
     if pool == "avg":
-        return reduce(x, "b c ... -> b c", "mean") if x.ndim > 2 else x
+        return reduce(x, "b c ... -> b c", "mean") if x.ndim > 2 else x.clone()
     if x.ndim != 3:
         raise ValueError(
             f"pool={pool!r} expects a (B, T, D) token sequence from layer {layer!r}, "
             f"got shape {tuple(x.shape)}."
         )
     if pool == "cls":
-        return x[:, 0]
+        return x[:, 0].clone()
     return reduce(x, "b t d -> b d", "mean")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from tensordict import TensorDict
 from torch import nn
 
@@ -25,7 +24,9 @@ def layer_keys(layers: str | Sequence[str] | Mapping[str, str]) -> dict[str, str
         mapping = {str(k): str(v) for k, v in layers.items()}
     elif isinstance(layers, Sequence) and all(isinstance(n, str) for n in layers):
         if len(set(layers)) != len(layers):
-            raise ValueError(f"Expected argument `layers` to name each layer once, got {list(layers)}.")
+            raise ValueError(
+                f"Expected argument `layers` to name each layer once, got {list(layers)}."
+            )
         mapping = {name: name for name in layers}
     else:
         raise ValueError(
@@ -99,9 +100,7 @@ class Recorder(nn.Module):
         """
         if self._hooks.closed:
             raise RuntimeError("This Recorder was closed; create a new one to record again.")
-        self._hooks.start()
-        output = self.model(*args, **kwargs)
-        features = self._hooks.pop()
+        output, features = self._hooks.run(self.model, args, kwargs)
         sizes = {key: t.shape[0] for key, t in features.items()}
         if len(set(sizes.values())) > 1:
             raise ValueError(

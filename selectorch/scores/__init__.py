@@ -5,7 +5,7 @@ from __future__ import annotations
 from selectorch.scores.base import Score
 from selectorch.scores.knn import CosineScore, EuclideanScore, KNNScore
 from selectorch.scores.logits import EnergyScore, LogitScore, SoftmaxScore
-from selectorch.scores.registry import create_score, list_scores, register_score
+from selectorch.scores.registry import create_score, get_score_class, list_scores, register_score
 
 __all__ = [
     "CosineScore",
@@ -16,6 +16,7 @@ __all__ = [
     "Score",
     "SoftmaxScore",
     "create_score",
+    "get_score_class",
     "list_scores",
     "register_score",
 ]

@@ -10,6 +10,7 @@ from torch import nn
 
 from selectorch._checks import check_finite_rows, check_fraction, check_int, check_matrix
 from selectorch.exceptions import NotFittedError
+from selectorch.functional.finite import finite_rows
 from selectorch.functional.thresholds import coverage_threshold, interpolated_quantile
 
 INPUTS = ("embedding", "logits")
@@ -25,7 +26,7 @@ def fail_closed(scores: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(N,)`` scores where bad rows are ``+inf``, so that no threshold keeps them.
     """
-    ok = torch.isfinite(inputs.reshape(inputs.shape[0], -1)).all(dim=1) & torch.isfinite(scores)
+    ok = finite_rows(inputs) & torch.isfinite(scores)
     return torch.where(ok, scores, torch.full_like(scores, float("inf")))
 
 
@@ -139,11 +140,15 @@ class Score(nn.Module, ABC):
         """
         X = check_matrix("X", X)
         if X.shape[0] == 0:
-            raise ValueError("Expected argument `X` to hold at least one row, got an empty (0, D) tensor.")
+            raise ValueError(
+                "Expected argument `X` to hold at least one row, got an empty (0, D) tensor."
+            )
         check_finite_rows("X", X)
         if y is not None and (not isinstance(y, torch.Tensor) or y.shape[0] != X.shape[0]):
             got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ValueError(f"Expected argument `y` to have {X.shape[0]} rows like `X`, got {got}.")
+            raise ValueError(
+                f"Expected argument `y` to have {X.shape[0]} rows like `X`, got {got}."
+            )
         self._fit(X, y)
         self._refresh_derived()
         # a threshold belongs to the state it was calibrated on: drop it
@@ -234,7 +239,9 @@ class Score(nn.Module, ABC):
         coverage = check_fraction("coverage", coverage)
         if not isinstance(scores, torch.Tensor) or scores.ndim != 1 or scores.numel() == 0:
             got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-            raise ValueError(f"Expected argument `scores` to be a non-empty (n,) tensor, got {got}.")
+            raise ValueError(
+                f"Expected argument `scores` to be a non-empty (n,) tensor, got {got}."
+            )
         ordered = torch.sort(scores.detach()).values
         threshold = coverage_threshold(ordered, coverage)
         self._set_buffer("calibration_scores_", ordered)

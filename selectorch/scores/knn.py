@@ -30,7 +30,8 @@ class KNNScore(Score):
 
     Example:
         >>> score = KNNScore(k=5, stat="mean").fit(torch.randn(1000, 32))
-        >>> score.calibrate(torch.randn(200, 32), coverage=0.9).select(torch.randn(10, 32))["selected"].shape
+        >>> score = score.calibrate(torch.randn(200, 32), coverage=0.9)
+        >>> score.select(torch.randn(10, 32))["selected"].shape
         torch.Size([10])
     """
 
@@ -69,7 +70,9 @@ class KNNScore(Score):
     def _score(self, X: torch.Tensor) -> torch.Tensor:
         norms = self.bank_sq_norms_ if self.metric == "euclidean" else None
         X = X.to(self.bank_.dtype)
-        return knn_score(X, self.bank_, self.k, metric=self.metric, stat=self.stat, bank_sq_norms=norms)
+        return knn_score(
+            X, self.bank_, self.k, metric=self.metric, stat=self.stat, bank_sq_norms=norms
+        )
 
     def extra_repr(self) -> str:
         return f"k={self.k}, metric={self.metric!r}, stat={self.stat!r}"

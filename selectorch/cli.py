@@ -1,0 +1,69 @@
+"""The ``selectorch`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from torch import nn
+
+from selectorch._version import __version__
+
+
+def build_model(spec: str) -> nn.Module:
+    """Build a model from ``torchvision:NAME`` (random weights) or ``module:function``.
+
+    Raises:
+        ValueError: The spec is malformed or names nothing that builds an ``nn.Module``.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"expected MODEL as 'torchvision:NAME' or 'module:function', got {spec!r}")
+    if module_name == "torchvision":
+        import torchvision
+
+        try:
+            return torchvision.models.get_model(attr, weights=None)
+        except ValueError as err:
+            raise ValueError(f"unknown torchvision model {attr!r}: {err}") from None
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot load {spec!r}: {err}") from None
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``selectorch`` console script."""
+    parser = argparse.ArgumentParser(prog="selectorch", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"selectorch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    layers = sub.add_parser("layers", help="list the layer names a model offers to record")
+    layers.add_argument("model", help="'torchvision:NAME' or 'module:function'")
+    sub.add_parser("scores", help="list the registered scores")
+    args = parser.parse_args(argv)
+
+    if args.command == "scores":
+        from selectorch.scores import get_score_class, list_scores
+
+        for name in list_scores():
+            print(f"{name:12s} {get_score_class(name).__name__}")
+        return 0
+    try:
+        model = build_model(args.model)
+    except ValueError as err:
+        print(f"selectorch: error: {err}", file=sys.stderr)
+        return 2
+    for name, module in model.named_modules():
+        if name:
+            print(f"{name}\t{type(module).__name__}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -32,7 +32,13 @@ def build_model(spec: str) -> nn.Module:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise ValueError(f"cannot load {spec!r}: {err}") from None
-    model = factory()
+    if not callable(factory):
+        raise ValueError(f"{spec!r} is a {type(factory).__name__}, not a function building a model")
+    try:
+        model = factory()
+    except Exception as err:  # the user's factory: report it on one line
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{spec!r} failed: {type(err).__name__}: {first}") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
     return model

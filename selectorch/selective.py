@@ -125,7 +125,7 @@ class SelectiveModel(nn.Module):
             )
         hooks = LayerHooks(model, {layer: _FEATURES}, pool) if layer is not None else None
         self.model = model
-        self.score = score
+        self.score = score.to(module_device(model))
         self.layer = layer
         # not a submodule: its hooks live on `model`
         object.__setattr__(self, "_hooks", hooks)

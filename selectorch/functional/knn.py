@@ -30,7 +30,9 @@ def knn_search(
     Memory is bounded by one ``(B, chunk)`` block of distances (at most ``block_elements``
     entries, and never fewer columns than ``k``); a running top-k is merged chunk by chunk, so
     the full ``(B, M)`` matrix is never built. The loop runs over a number of chunks fixed by the
-    shapes, so it compiles into one graph.
+    shapes, so it compiles into one graph. Euclidean candidates are found with one matrix product
+    per chunk; the distances of the k chosen neighbours are then recomputed directly, so they are
+    exact even when the embeddings' norms are large.
 
     Args:
         query: Query embeddings, shape ``(B, D)``.
@@ -74,7 +76,11 @@ def knn_search(
             best_d, pos = d.topk(k, dim=1, largest=False)
             best_i = i.gather(1, pos)
     if squared:
-        best_d = best_d.sqrt()
+        # |q|^2 + |b|^2 - 2 q.b loses precision when norms are large next to the distances:
+        # recompute the k chosen distances directly and re-sort them
+        diff = query.unsqueeze(1) - bank[best_i]
+        best_d, order = diff.pow(2).sum(dim=-1).sqrt().sort(dim=1)
+        best_i = best_i.gather(1, order)
     return best_d, best_i
 
 

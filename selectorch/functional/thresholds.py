@@ -80,5 +80,6 @@ def interpolated_quantile(sorted_scores: torch.Tensor, q: float) -> torch.Tensor
     low, high = sorted_scores[lo], sorted_scores[hi]
     if frac == 0.0:
         return low.clone()
-    # where both ends are equal (infinite scores included) interpolation would give NaN
-    return torch.where(low == high, low, low + frac * (high - low))
+    # an infinite end wins (as in numpy): plain interpolation would give inf - inf = NaN
+    inner = low + frac * (high - low)
+    return torch.where(torch.isinf(low), low, torch.where(torch.isinf(high), high, inner))

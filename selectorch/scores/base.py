@@ -100,7 +100,16 @@ class Score(nn.Module, ABC):
             )
 
     def _check_input(self, X: Any, name: str = "X") -> torch.Tensor:
-        return check_matrix(name, X, dim=self._expected_dim())
+        X = check_matrix(name, X, dim=self._expected_dim())
+        if self.fitted_buffers:
+            state = getattr(self, self.fitted_buffers[0])
+            if X.device != state.device:
+                raise ValueError(
+                    f"Expected argument `{name}` on {state.device}, where the fitted state of "
+                    f"{type(self).__name__} is, got a tensor on {X.device}; move one of them "
+                    "with .to(...)."
+                )
+        return X
 
     def _set_buffer(self, name: str, value: torch.Tensor) -> None:
         """Write ``value`` into buffer ``name``, in place when the shape allows it."""
@@ -128,6 +137,9 @@ class Score(nn.Module, ABC):
     def fit(self, X: torch.Tensor, y: torch.Tensor | None = None) -> Score:
         """Fit the score on reference data; fitting again replaces the old state.
 
+        The score moves to the device of ``X`` (its state lives where the data is) and stores
+        its state in its own floating dtype (float32 unless ``.double()``/``.half()`` was called).
+
         Args:
             X: ``(N, D)`` reference embeddings (or ``(N, C)`` logits for logit scores).
             y: Optional ``(N,)`` labels, for scores that use them.
@@ -149,6 +161,10 @@ class Score(nn.Module, ABC):
             raise ValueError(
                 f"Expected argument `y` to have {X.shape[0]} rows like `X`, got {got}."
             )
+        # the fitted state lives where the data is, in the module's floating dtype
+        self.to(X.device)
+        X = X.to(self.threshold_.dtype)
+        y = None if y is None else y.to(X.device)
         self._fit(X, y)
         self._refresh_derived()
         # a threshold belongs to the state it was calibrated on: drop it
@@ -196,7 +212,7 @@ class Score(nn.Module, ABC):
     def selected(self, scores: torch.Tensor) -> torch.Tensor:
         """``(N,)`` bool: ``scores <= threshold_`` (``+inf`` scores are never kept)."""
         self._check_calibrated()
-        return (scores <= self.threshold_) & torch.isfinite(scores)
+        return (scores <= self.threshold_.to(scores.device)) & torch.isfinite(scores)
 
     def select(self, X: torch.Tensor) -> dict[str, torch.Tensor]:
         """Score ``X`` and decide which rows to keep.
@@ -230,6 +246,8 @@ class Score(nn.Module, ABC):
         coverage = check_fraction("coverage", coverage)
         self._check_fitted()
         X = self._check_input(X)
+        if X.shape[0] == 0:
+            raise ValueError("Expected argument `X` to hold calibration rows, got an empty tensor.")
         check_finite_rows("X", X)
         return self.calibrate_scores(self.score(X), coverage=coverage)
 

@@ -1,0 +1,100 @@
+"""CUDA paths (run on the GPU machine; skipped where there is no CUDA device)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch.utils.data import DataLoader, TensorDataset
+
+import selectorch as st
+from selectorch.functional import knn_search
+from selectorch.scores import EnergyScore, KNNScore
+
+pytestmark = pytest.mark.gpu
+
+
+def fitted(device: str = "cpu") -> st.SelectiveModel:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    sel = st.SelectiveModel(model, KNNScore(k=5), layer="avgpool")
+    sel.fit(torch.randn(64, 3, 32, 32), progress=False)
+    sel.calibrate(torch.randn(40, 3, 32, 32), coverage=0.9, progress=False)
+    return sel.to(device)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_knn_search_on_cuda_equals_cpu(metric):
+    g = torch.Generator().manual_seed(0)
+    bank, query = torch.randn(5000, 64, generator=g), torch.randn(300, 64, generator=g)
+    bank_c = torch.nn.functional.normalize(bank, dim=1) if metric == "cosine" else bank
+    d_cpu, _ = knn_search(query, bank_c, 7, metric=metric, block_elements=300 * 700)
+    d_gpu, _ = knn_search(query.cuda(), bank_c.cuda(), 7, metric=metric, block_elements=300 * 700)
+    torch.testing.assert_close(d_gpu.cpu(), d_cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_moves_every_fitted_buffer_and_matches_cpu():
+    sel = fitted()
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        ref = sel(x)
+        sel.cuda()
+        out = sel(x.cuda())
+    assert sel.score.bank_.is_cuda and sel.score.bank_sq_norms_.is_cuda and sel.threshold_.is_cuda
+    assert out.score.is_cuda and out.selected.is_cuda
+    torch.testing.assert_close(out.score.cpu(), ref.score, rtol=1e-3, atol=1e-3)
+
+
+def test_fit_moves_cpu_batches_to_the_model_device():
+    model = torchvision.models.resnet18(num_classes=10).eval().cuda()
+    loader = DataLoader(TensorDataset(torch.randn(20, 3, 32, 32), torch.arange(20)), batch_size=8)
+    sel = st.SelectiveModel(model, KNNScore(k=2), layer="avgpool").fit(loader, progress=False)
+    assert sel.score.bank_.device.type == "cuda" and sel.score.bank_.shape == (20, 512)
+
+
+def test_compile_fullgraph_on_cuda_matches_eager_without_recompiling():
+    sel = fitted("cuda")
+    compiled = torch.compile(sel, fullgraph=True)
+    x = torch.randn(16, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        eager = sel(x)
+        fast = compiled(x)
+        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        sel.calibrate(torch.randn(40, 3, 32, 32), coverage=0.5, progress=False)
+        again = compiled(x)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+    torch.testing.assert_close(fast.score, eager.score, rtol=1e-3, atol=1e-3)
+    assert torch.equal(again.selected, again.score <= sel.get_threshold())
+
+
+def test_bf16_autocast_forward_scores_close_to_fp32():
+    sel = fitted("cuda")
+    x = torch.randn(16, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        ref = sel(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = sel(x)
+    assert out.output.dtype == torch.bfloat16 and out.selected.dtype == torch.bool
+    assert torch.isfinite(out.score).all()
+    torch.testing.assert_close(out.score.float(), ref.score, rtol=0.05, atol=0.05)
+
+
+def test_half_model_and_score_on_cuda():
+    sel = fitted("cuda").half()
+    x = torch.randn(8, 3, 32, 32, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        out = sel(x)
+    assert sel.score.bank_.dtype == torch.half
+    assert torch.isfinite(out.score).all() and out.score.shape == (8,)
+
+
+def test_logit_score_on_cuda_compiled():
+    model = torchvision.models.resnet18(num_classes=10).eval().cuda()
+    sel = st.SelectiveModel(model, EnergyScore()).calibrate(
+        torch.randn(30, 3, 32, 32), coverage=0.9, progress=False
+    )
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        eager = sel(x)
+        fast = torch.compile(sel, fullgraph=True)(x)
+    torch.testing.assert_close(fast.score, eager.score, rtol=1e-3, atol=1e-3)

@@ -98,3 +98,14 @@ def test_logit_score_on_cuda_compiled():
         eager = sel(x)
         fast = torch.compile(sel, fullgraph=True)(x)
     torch.testing.assert_close(fast.score, eager.score, rtol=1e-3, atol=1e-3)
+
+
+def test_standalone_fit_moves_the_score_to_the_data_device():
+    score = KNNScore(k=2).fit(torch.randn(50, 8, device="cuda"))
+    assert {b.device.type for b in score.buffers()} == {"cuda"}
+    result = score.calibrate(torch.randn(20, 8, device="cuda"), coverage=0.5).select(
+        torch.randn(4, 8, device="cuda")
+    )
+    assert result["selected"].is_cuda
+    back = KNNScore(k=2).cuda().fit(torch.randn(50, 8))
+    assert {b.device.type for b in back.buffers()} == {"cpu"}

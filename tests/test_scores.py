@@ -719,12 +719,6 @@ def test_input_on_another_device_than_the_fitted_state_names_both():
         score(torch.empty(2, 4, device="meta"))
 
 
-def test_fit_moves_the_score_to_the_data_device():
-    score = KNNScore(k=1).to("meta")
-    score.fit(torch.randn(10, 4))
-    assert {b.device.type for b in score.buffers()} == {"cpu"}
-
-
 def test_euclidean_distance_of_a_duplicate_with_large_norm_is_exact():
     g = torch.Generator().manual_seed(0)
     bank = torch.randn(500, 128, generator=g) * 10 + 50  # norms around 570

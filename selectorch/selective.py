@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from selectorch._checks import check_fraction, check_int
+from selectorch._checks import check_int
+from selectorch.calibration import check_target
 from selectorch.data import iter_batches, module_device, to_device
 from selectorch.functional.finite import finite_rows
 from selectorch.recorder.hooks import LayerHooks
@@ -58,6 +60,34 @@ def _finite_rows(tensors: Iterable[Any], batch: int, device: torch.device) -> to
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.ndim and t.shape[0] == batch:
             ok = ok & finite_rows(t).to(device)
     return ok
+
+
+def _predictions(logits: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """``(B,)`` predicted classes from ``(B, C)`` logits, for per-class thresholds."""
+    if logits is None or logits.ndim != 2 or logits.shape[0] != batch:
+        raise ValueError(
+            "Per-class thresholds select by the predicted class, but the model's output holds "
+            "no (B, C) logits."
+        )
+    return logits.argmax(dim=1)
+
+
+@dataclass
+class _Collected:
+    """What one pass over a dataset recorded (lists while collecting, tensors once stacked)."""
+
+    features: Any
+    labels: Any
+    preds: Any
+    num_classes: int | None = None
+
+    def stacked(self) -> _Collected:
+        return _Collected(
+            torch.cat(self.features),
+            torch.cat(self.labels) if self.labels else None,
+            torch.cat(self.preds) if self.preds else None,
+            self.num_classes,
+        )
 
 
 @contextlib.contextmanager
@@ -175,20 +205,22 @@ class SelectiveModel(nn.Module):
         self.score._check_calibrated()
         output, features = self._run(args, kwargs)
         scores = self.score(features)
-        logits = logits_from_output(output) if self._hooks is not None else None
+        logits = logits_from_output(output)
         ok = _finite_rows((*args, *kwargs.values(), logits), scores.shape[0], scores.device)
         scores = torch.where(ok, scores, torch.full_like(scores, float("inf")))
-        return SelectiveOutput(output, scores, self.score.selected(scores))
+        preds = None
+        if self.score.threshold_.ndim == 1:  # per-class thresholds: select by predicted class
+            preds = _predictions(logits, scores.shape[0])
+        return SelectiveOutput(output, scores, self.score.selected(scores, preds))
 
     @torch.no_grad()
     def _collect(
         self, data: Any, y: torch.Tensor | None, batch_size: int, progress: bool, desc: str
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the model over ``data``; return the stacked score inputs and labels (if any)."""
+    ) -> _Collected:
+        """Run the model over ``data``; stack the score inputs, labels and predictions."""
         check_int("batch_size", batch_size)
         device = module_device(self.model)
-        features: list[torch.Tensor] = []
-        labels: list[torch.Tensor] = []
+        parts = _Collected([], [], [])
         total = (
             len(data) if hasattr(data, "__len__") and not isinstance(data, torch.Tensor) else None
         )
@@ -196,20 +228,26 @@ class SelectiveModel(nn.Module):
         with _eval_mode(self.model):
             for batch in tqdm(batches, desc=desc, total=total, disable=not progress, leave=False):
                 args, kwargs = to_device(batch.args, device), to_device(batch.kwargs, device)
-                _, feats = self._run(args, kwargs)
-                features.append(feats)
+                output, feats = self._run(args, kwargs)
+                parts.features.append(feats)
                 if batch.labels is not None:
-                    labels.append(batch.labels.to(feats.device))
-        if not features:
+                    parts.labels.append(batch.labels.to(feats.device))
+                logits = logits_from_output(output)
+                if logits is not None and logits.ndim == 2 and logits.shape[0] == feats.shape[0]:
+                    parts.preds.append(logits.argmax(dim=1).to(feats.device))
+                    parts.num_classes = logits.shape[1]
+        if not parts.features:
             raise ValueError(
                 f"Expected argument `data` to yield at least one batch for {desc}, got none."
             )
-        if labels and len(labels) != len(features):
-            raise ValueError(
-                f"Only {len(labels)} of {len(features)} batches carried labels; give labels for "
-                "every batch or for none."
-            )
-        return torch.cat(features), (torch.cat(labels) if labels else None)
+        for name in ("labels", "preds"):
+            got = len(getattr(parts, name))
+            if got and got != len(parts.features):
+                raise ValueError(
+                    f"Only {got} of {len(parts.features)} batches carried {name}; every batch "
+                    "must, or none."
+                )
+        return parts.stacked()
 
     def fit(
         self,
@@ -233,8 +271,8 @@ class SelectiveModel(nn.Module):
         Returns:
             ``self``.
         """
-        features, labels = self._collect(data, y, batch_size, progress, "fit")
-        self.score.fit(features, labels)
+        run = self._collect(data, y, batch_size, progress, "fit")
+        self.score.fit(run.features, run.labels)
         return self
 
     def calibrate(
@@ -242,30 +280,78 @@ class SelectiveModel(nn.Module):
         data: Any,
         y: torch.Tensor | None = None,
         *,
-        coverage: float,
+        coverage: float | None = None,
+        risk: float | None = None,
+        delta: float = 0.1,
+        per_class: bool = False,
+        bound: str = "clopper-pearson",
+        method: str = "sgr",
         batch_size: int = 256,
         progress: bool = True,
     ) -> SelectiveModel:
-        """Set the threshold on held-out data so that at least ``coverage`` of new samples are kept.
+        """Set the threshold on held-out data for a coverage or a risk target.
 
-        Uses the finite-sample rank ``ceil((n + 1) * coverage)`` of the ``n`` calibration scores;
-        see :meth:`selectorch.scores.Score.calibrate`.
+        * ``coverage=c``: at least ``c`` of new samples kept in expectation (finite-sample rank
+          ``ceil((n + 1) * c)`` of the calibration scores).
+        * ``risk=r, delta=d``: the largest coverage whose error rate among kept predictions
+          (``argmax(logits) != label``) is at most ``r`` with probability ``1 - d``; needs labels.
+          Nothing is kept if no threshold can be certified.
+
+        See :meth:`selectorch.scores.Score.calibrate` and :meth:`calibration_report`.
 
         Args:
             data: Held-out data, as for :meth:`fit`.
-            y: Optional labels with a tensor ``data`` (not needed for a coverage target).
+            y: Optional labels with a tensor ``data``.
             coverage: Target fraction of kept samples, in (0, 1].
+            risk: Target selective risk, in (0, 1).
+            delta: Allowed failure probability of the risk promise.
+            per_class: One threshold per predicted class (``argmax`` of the logits).
+            bound: ``"clopper-pearson"`` or ``"hoeffding-bentkus"``.
+            method: ``"sgr"`` or ``"fixed-sequence"``.
             batch_size: Rows per model call for a tensor ``data``.
             progress: Show a progress bar.
 
         Returns:
             ``self``.
+
+        Raises:
+            ValueError: Bad targets; a risk target without labels; per-class thresholds for a
+                model whose output has no class logits.
         """
-        coverage = check_fraction("coverage", coverage)
+        check_target(coverage, risk, delta, bound, method)
         self.score._check_fitted()
-        features, _ = self._collect(data, y, batch_size, progress, "calibrate")
-        self.score.calibrate(features, coverage=coverage)
+        run = self._collect(data, y, batch_size, progress, "calibrate")
+        needs_preds = per_class or risk is not None
+        if needs_preds and run.preds is None:
+            raise ValueError(
+                "per_class=True and risk targets need class predictions, but the model's output "
+                "holds no (B, C) logits."
+            )
+        correct = None
+        if run.labels is not None and run.preds is not None and run.labels.ndim == 1:
+            correct = run.preds == run.labels
+        if risk is not None and correct is None:
+            raise ValueError(
+                "A `risk` target needs labels in the calibration data ((x, y) batches, a 'label' "
+                "key, or `y` with a tensor) to know which kept predictions are wrong."
+            )
+        self.score.calibrate(
+            run.features,
+            coverage=coverage,
+            risk=risk,
+            delta=delta,
+            correct=correct,
+            preds=run.preds,
+            per_class=per_class,
+            num_classes=run.num_classes,
+            bound=bound,
+            method=method,
+        )
         return self
+
+    def calibration_report(self) -> dict[str, Any]:
+        """What the last calibration promised and achieved; see :meth:`Score.calibration_report`."""
+        return self.score.calibration_report()
 
     def close(self) -> None:
         """Remove exactly the hooks this wrapper added to the model."""

@@ -51,9 +51,14 @@ def make_inputs(score, n: int, seed: int) -> torch.Tensor:
     return X * 3.0 if score.input == "logits" else X
 
 
+def make_labels(n: int, seed: int) -> torch.Tensor:
+    """``(n,)`` class labels in ``0..2`` for scores that fit on labels (others ignore them)."""
+    return torch.randint(3, (n,), generator=torch.Generator().manual_seed(seed + 100))
+
+
 def fitted(name: str, kwargs: dict, *, calibrate: bool = True):
     score = create_score(name, **kwargs)
-    score.fit(make_inputs(score, 200, seed=1))
+    score.fit(make_inputs(score, 200, seed=1), make_labels(200, seed=1))
     if calibrate:
         score.calibrate(make_inputs(score, 60, seed=2), coverage=0.9)
     return score
@@ -118,7 +123,7 @@ def test_contract_select_before_calibrate_raises_naming_calibrate(name, kwargs):
 @pytest.mark.parametrize(("name", "kwargs"), CASES)
 def test_contract_fit_calibrate_and_set_threshold_return_self(name, kwargs):
     score = create_score(name, **kwargs)
-    assert score.fit(make_inputs(score, 50, seed=1)) is score
+    assert score.fit(make_inputs(score, 50, seed=1), make_labels(50, seed=1)) is score
     assert score.calibrate(make_inputs(score, 30, seed=2), coverage=0.8) is score
     assert score.set_threshold(0.5) is score
     assert score.calibrate_scores(torch.arange(10.0), coverage=0.5) is score
@@ -129,7 +134,7 @@ def test_contract_fit_calibrate_and_set_threshold_return_self(name, kwargs):
 def test_contract_state_dict_loads_into_fresh_unfitted_twin(name, kwargs):
     score = fitted(name, kwargs)
     state = score.state_dict()
-    assert all(key.endswith("_") for key in state), list(state)
+    assert all(key.endswith("_") or key == "_extra_state" for key in state), list(state)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
@@ -205,13 +210,13 @@ def test_contract_fitting_twice_replaces_state_and_drops_threshold(name, kwargs)
     score = fitted(name, kwargs)
     assert score.is_calibrated
     second = make_inputs(score, 120, seed=12) + 2.0
-    score.fit(second)
+    score.fit(second, make_labels(120, seed=12))
     assert not score.is_calibrated
     assert score.calibration_scores_.numel() == 0
     Q = make_inputs(score, 20, seed=13)
     with pytest.raises(NotFittedError, match="calibrate"):
         score.select(Q)
-    fresh = create_score(name, **kwargs).fit(second)
+    fresh = create_score(name, **kwargs).fit(second, make_labels(120, seed=12))
     torch.testing.assert_close(score(Q), fresh(Q), rtol=0, atol=0)
     for key in type(score).fitted_buffers:
         assert torch.equal(getattr(score, key), getattr(fresh, key)), key
@@ -273,7 +278,7 @@ def direction_data(score):
 def test_contract_higher_score_means_more_uncertain(name, kwargs):
     score = create_score(name, **kwargs)
     ref, cal, inliers, outliers = direction_data(score)
-    score.fit(ref)
+    score.fit(ref, make_labels(len(ref), seed=1))
     s_in, s_out = score(inliers), score(outliers)
     assert s_out.min() > s_in.max(), (s_in.tolist(), s_out.tolist())
     score.calibrate(cal, coverage=0.9)
@@ -378,7 +383,7 @@ def test_bank_sq_norms_not_saved_but_rebuilt_after_load(metric):
     score = KNNScore(k=2, metric=metric).fit(bank)
     state = score.state_dict()
     assert "bank_sq_norms_" not in state
-    assert set(state) == {"bank_", "threshold_", "calibration_scores_"}
+    assert set(state) == {"bank_", "threshold_", "calibration_scores_", "_extra_state"}
     twin = KNNScore(k=2, metric=metric)
     assert twin.bank_sq_norms_.numel() == 0
     twin.load_state_dict(state)
@@ -488,7 +493,15 @@ def test_unknown_stat_and_metric_name_the_argument():
         create_score("euclidean", stat="avg")
 
 
-@pytest.mark.parametrize("coverage", [0, 0.0, 1.5, -0.1, True, "0.9", None])
+def test_calibrate_needs_exactly_one_target():
+    score = KNNScore().fit(torch.randn(30, 4))
+    with pytest.raises(ValueError, match=r"exactly one of the arguments `coverage`.*or `risk`"):
+        score.calibrate(torch.randn(20, 4))
+    with pytest.raises(ValueError, match=r"exactly one of the arguments `coverage`.*or `risk`"):
+        score.calibrate_scores(torch.arange(20.0), coverage=0.5, risk=0.1)
+
+
+@pytest.mark.parametrize("coverage", [0, 0.0, 1.5, -0.1, True, "0.9"])
 def test_bad_coverage_names_the_argument(coverage):
     score = KNNScore().fit(torch.randn(30, 4))
     with pytest.raises(

@@ -8,10 +8,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from selectorch._checks import check_finite_rows, check_fraction, check_int, check_matrix
+from selectorch._checks import check_finite_rows, check_int, check_matrix
 from selectorch.exceptions import NotFittedError
 from selectorch.functional.finite import finite_rows
-from selectorch.functional.thresholds import coverage_threshold, interpolated_quantile
+from selectorch.scores.thresholds import ThresholdMixin
 
 INPUTS = ("embedding", "logits")
 
@@ -30,7 +30,7 @@ def fail_closed(scores: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, scores, torch.full_like(scores, float("inf")))
 
 
-class Score(nn.Module, ABC):
+class Score(ThresholdMixin, nn.Module, ABC):
     """Base class of uncertainty scores.
 
     A score maps ``(N, D)`` embeddings (or ``(N, C)`` logits) to ``(N,)`` uncertainties; higher
@@ -56,6 +56,7 @@ class Score(nn.Module, ABC):
         super().__init__()
         self.register_buffer("threshold_", torch.empty(0))
         self.register_buffer("calibration_scores_", torch.empty(0))
+        self._report: dict[str, Any] = {}
 
     # -- to implement -------------------------------------------------------------------------
 
@@ -90,13 +91,6 @@ class Score(nn.Module, ABC):
             raise NotFittedError(
                 f"This {type(self).__name__} is not fitted yet. Call fit(X) with reference "
                 f"{self.input}s before scoring."
-            )
-
-    def _check_calibrated(self) -> None:
-        if not self.is_calibrated:
-            raise NotFittedError(
-                f"This {type(self).__name__} has no threshold yet. Call calibrate(X, "
-                "coverage=...) (or set_threshold(q) after calibrate) before selecting."
             )
 
     def _check_input(self, X: Any, name: str = "X") -> torch.Tensor:
@@ -172,6 +166,7 @@ class Score(nn.Module, ABC):
         self.calibration_scores_ = torch.empty(
             0, device=self.calibration_scores_.device, dtype=self.calibration_scores_.dtype
         )
+        self._report = {}
         return self
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
@@ -208,94 +203,3 @@ class Score(nn.Module, ABC):
         if X.shape[0] == 0:
             return self(X)
         return torch.cat([self(chunk) for chunk in X.split(batch_size)])
-
-    def selected(self, scores: torch.Tensor) -> torch.Tensor:
-        """``(N,)`` bool: ``scores <= threshold_`` (``+inf`` scores are never kept)."""
-        self._check_calibrated()
-        return (scores <= self.threshold_.to(scores.device)) & torch.isfinite(scores)
-
-    def select(self, X: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Score ``X`` and decide which rows to keep.
-
-        Returns:
-            ``{"score": (N,) float, "selected": (N,) bool}``; ``selected`` is ``True`` where the
-            prediction is kept.
-        """
-        self._check_calibrated()
-        scores = self.score(X)
-        return {"score": scores, "selected": self.selected(scores)}
-
-    @torch.no_grad()
-    def calibrate(self, X: torch.Tensor, *, coverage: float) -> Score:
-        """Set the threshold so that at least ``coverage`` of new samples are kept.
-
-        The threshold is the ``ceil((n + 1) * coverage)``-th smallest of the ``n`` calibration
-        scores (a finite-sample guarantee for exchangeable data, not a plain quantile). The
-        scores are stored for :meth:`set_threshold`.
-
-        Args:
-            X: ``(n, D)`` held-out embeddings (or logits) from the deployment distribution.
-            coverage: Target fraction of kept samples, in (0, 1].
-
-        Returns:
-            ``self``.
-
-        Raises:
-            ValueError: ``coverage`` outside (0, 1], rows with NaN/Inf, or ``n`` too small.
-        """
-        coverage = check_fraction("coverage", coverage)
-        self._check_fitted()
-        X = self._check_input(X)
-        if X.shape[0] == 0:
-            raise ValueError("Expected argument `X` to hold calibration rows, got an empty tensor.")
-        check_finite_rows("X", X)
-        return self.calibrate_scores(self.score(X), coverage=coverage)
-
-    @torch.no_grad()
-    def calibrate_scores(self, scores: torch.Tensor, *, coverage: float) -> Score:
-        """Like :meth:`calibrate`, from ``(n,)`` calibration scores already computed."""
-        coverage = check_fraction("coverage", coverage)
-        if not isinstance(scores, torch.Tensor) or scores.ndim != 1 or scores.numel() == 0:
-            got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-            raise ValueError(
-                f"Expected argument `scores` to be a non-empty (n,) tensor, got {got}."
-            )
-        ordered = torch.sort(scores.detach()).values
-        threshold = coverage_threshold(ordered, coverage)
-        self._set_buffer("calibration_scores_", ordered)
-        self._set_buffer("threshold_", threshold)
-        return self
-
-    @torch.no_grad()
-    def set_threshold(self, q: float = 0.99) -> Score:
-        """Set the threshold to the ``q``-quantile (linear interpolation) of the calibration scores.
-
-        This is seapig's rule: about ``q`` of the calibration samples are kept, without the
-        finite-sample correction of :meth:`calibrate`.
-
-        Args:
-            q: Quantile in (0, 1].
-
-        Returns:
-            ``self``.
-
-        Raises:
-            NotFittedError: No calibration scores are stored (call :meth:`calibrate` first).
-        """
-        q = check_fraction("q", q)
-        if self.calibration_scores_.numel() == 0:
-            raise NotFittedError(
-                f"This {type(self).__name__} has no calibration scores. Call calibrate(X, "
-                "coverage=...) first; set_threshold(q) then picks a quantile of those scores."
-            )
-        self._set_buffer("threshold_", interpolated_quantile(self.calibration_scores_, q))
-        return self
-
-    def get_threshold(self) -> float:
-        """The current threshold as a Python float.
-
-        Raises:
-            NotFittedError: No threshold was set.
-        """
-        self._check_calibrated()
-        return float(self.threshold_)

@@ -6,14 +6,23 @@ prediction is kept, with thresholds calibrated on held-out data.
 
 from __future__ import annotations
 
-from selectorch import functional, scores
+import logging
+
+from selectorch import functional, progress, scores
 from selectorch._version import __version__
+from selectorch.cache import CacheMismatchError, load_cache
+from selectorch.embeddings_plot import plot_embedding_sets
 from selectorch.exceptions import NotFittedError
+from selectorch.record import record
 from selectorch.recorder import Recorder, list_layers
 from selectorch.scores import create_score, list_scores
 from selectorch.selective import SelectiveModel, SelectiveOutput
 
+# the package logs under "selectorch"; it stays silent until the application configures logging
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
 __all__ = [
+    "CacheMismatchError",
     "NotFittedError",
     "Recorder",
     "SelectiveModel",
@@ -23,5 +32,9 @@ __all__ = [
     "functional",
     "list_layers",
     "list_scores",
+    "load_cache",
+    "plot_embedding_sets",
+    "progress",
+    "record",
     "scores",
 ]

@@ -5,21 +5,20 @@ Every check raises an error that names the argument, what was expected and what 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from selectorch.functional.finite import finite_rows
-
 
 def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
     """Return ``value`` if it is an ``int`` of at least ``minimum``, else raise ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(
             f"Expected argument `{name}` to be an integer >= {minimum}, got {value!r}."
         )
-    return value
+    return int(value)
 
 
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
@@ -32,7 +31,7 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
 
 def check_positive_float(name: str, value: Any) -> float:
     """Return ``value`` as a float if it is a finite number > 0, else raise ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"Expected argument `{name}` to be a positive number, got {value!r}.")
     value = float(value)
     if not (value > 0 and value != float("inf")):
@@ -42,7 +41,7 @@ def check_positive_float(name: str, value: Any) -> float:
 
 def check_fraction(name: str, value: Any) -> float:
     """Return ``value`` as a float if it lies in (0, 1], else raise ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
         raise ValueError(f"Expected argument `{name}` to be a number in (0, 1], got {value!r}.")
     return float(value)
 
@@ -84,6 +83,8 @@ def check_matrix(name: str, value: Any, *, dim: int | None = None) -> torch.Tens
 
 def check_finite_rows(name: str, value: torch.Tensor) -> torch.Tensor:
     """Raise ``ValueError`` counting the rows of ``value`` that hold NaN or Inf."""
+    from selectorch.functional.finite import finite_rows  # functional imports this module
+
     bad = ~finite_rows(value)
     n_bad = int(bad.sum())
     if n_bad:
@@ -92,4 +93,19 @@ def check_finite_rows(name: str, value: torch.Tensor) -> torch.Tensor:
             f"Argument `{name}` has {n_bad} of {value.shape[0]} rows with NaN or Inf "
             f"(first rows: {first}); remove them before fitting or calibrating."
         )
+    return value
+
+
+def check_open_fraction(name: str, value: Any) -> float:
+    """Return ``value`` as a float if it lies in (0, 1), else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
+        raise ValueError(f"Expected argument `{name}` to be a number in (0, 1), got {value!r}.")
+    return float(value)
+
+
+def check_rows(name: str, value: Any, n: int, like: str) -> torch.Tensor:
+    """Check that ``value`` is a tensor with ``n`` rows, as many as argument ``like`` has."""
+    if not isinstance(value, torch.Tensor) or value.ndim == 0 or value.shape[0] != n:
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"Expected argument `{name}` to have {n} rows like `{like}`, got {got}.")
     return value

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from selectorch._checks import check_rows
+
 #: Keys of a dict batch that hold the model's single positional input.
 INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values")
 #: Keys of a dict batch that hold labels (never passed to the model).
@@ -29,9 +31,10 @@ def split_batch(batch: Any) -> Batch:
 
     * a tensor: the model's input, no labels;
     * a tuple or list ``(x, y, ...)``: ``x`` is the input, ``y`` the labels, the rest ignored;
-    * a dict: the input under one of :data:`INPUT_KEYS` (``"image"``, ``"input"``, ...), or else
-      every non-label key passed as keyword arguments (Hugging Face style: ``input_ids``,
-      ``attention_mask``, ...); labels under one of :data:`LABEL_KEYS`.
+    * a dict: the input under one of :data:`INPUT_KEYS` (``"image"``, ``"input"``, ...) passed
+      positionally, and every other non-label key passed as a keyword argument (Hugging Face
+      style: ``input_ids``, ``attention_mask``, ``pixel_mask``, ...); nothing is dropped. Labels
+      (tensors under one of :data:`LABEL_KEYS`) are never passed to the model.
 
     Raises:
         TypeError: The batch is of another type, or a tuple is empty.
@@ -40,10 +43,12 @@ def split_batch(batch: Any) -> Batch:
         return Batch((batch,))
     if isinstance(batch, Mapping):
         labels = next((batch[k] for k in LABEL_KEYS if k in batch), None)
-        for key in INPUT_KEYS:
-            if key in batch:
-                return Batch((batch[key],), labels=labels)
+        labels = labels if isinstance(labels, torch.Tensor) else None
         kwargs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+        for key in INPUT_KEYS:
+            if key in kwargs:
+                x = kwargs.pop(key)
+                return Batch((x,), kwargs, labels)
         return Batch((), kwargs, labels)
     if isinstance(batch, (tuple, list)) and batch:
         labels = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
@@ -91,11 +96,8 @@ def iter_batches(
         ValueError: ``y`` is given with a DataLoader, or its length differs from ``data``'s.
     """
     if isinstance(data, torch.Tensor):
-        if y is not None and (not isinstance(y, torch.Tensor) or y.shape[0] != data.shape[0]):
-            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ValueError(
-                f"Expected argument `y` to have {data.shape[0]} rows like `data`, got {got}."
-            )
+        if y is not None:
+            check_rows("y", y, data.shape[0], "data")
         for start in range(0, data.shape[0], batch_size):
             labels = None if y is None else y[start : start + batch_size]
             yield Batch((data[start : start + batch_size],), labels=labels)

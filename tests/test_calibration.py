@@ -271,3 +271,43 @@ def test_per_class_needs_class_logits():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         knn.calibrate(torch.randn(20, 4), coverage=0.5, progress=False)
+
+
+def test_risk_options_are_checked_with_a_coverage_target_too():
+    with pytest.raises(ValueError, match="`bound`"):
+        calibrate_thresholds(torch.randn(50), coverage=0.5, bound="nonsense")
+    with pytest.raises(ValueError, match="`delta`"):
+        calibrate_thresholds(torch.randn(50), coverage=0.5, delta=7)
+
+
+def test_per_class_select_refuses_an_uncalibrated_class():
+    score = KNNScore(k=2).fit(torch.randn(40, 4))
+    score.calibrate(torch.randn(60, 4), coverage=0.5, preds=torch.arange(60) % 3, per_class=True)
+    with pytest.raises(ValueError, match=r"`preds` to hold classes in \[0, 3\).*from 0 to 3"):
+        score.select(torch.randn(2, 4), preds=torch.tensor([0, 3]))
+
+
+def test_risk_calibration_of_a_single_logit_binary_model_predicts_by_sign():
+    class Perfect(nn.Module):
+        def forward(self, x):
+            return x[:, :1] * 10.0  # (N, 1) log-odds, right whenever the label is x > 0
+
+    x = torch.randn(400, 2)
+    y = (x[:, 0] > 0).long()
+    sel = st.SelectiveModel(Perfect(), SoftmaxScore(task="binary"))
+    sel.calibrate(x, y, risk=0.05, delta=0.1, progress=False)
+    report = sel.calibration_report()
+    assert report["feasible"] and report["risk"] == 0.0 and report["coverage"] == 1.0
+
+
+def test_per_class_thresholds_for_a_single_logit_binary_model():
+    class Logit(nn.Module):
+        def forward(self, x):
+            return x[:, :1]
+
+    sel = st.SelectiveModel(Logit(), SoftmaxScore(task="binary"))
+    sel.calibrate(torch.randn(300, 2), coverage=0.8, per_class=True, progress=False)
+    assert sel.threshold_.shape == (2,)
+    with torch.no_grad():
+        out = sel(torch.tensor([[3.0, 0.0], [-3.0, 0.0]]))
+    assert out.selected.tolist() == [True, True]

@@ -114,20 +114,20 @@ def test_knn_search_matches_torch_cdist_reference(metric):
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize(
-    ("k", "n_query", "n_bank", "block_elements"),
+    ("k", "n_query", "n_bank", "chunk_size"),
     [
-        (5, 5, 103, 20),  # chunk = max(k, 20 // 5) = 5: 21 chunks, last one has 3 < k rows
-        (3, 4, 103, 40),  # chunk = 10: 11 chunks, last one has 3 rows
+        (5, 5, 103, 2),  # chunk = max(k, 2) = 5: 21 chunks, last one has 3 < k rows
+        (3, 4, 103, 10),  # chunk = 10: 11 chunks, last one has 3 rows
         (1, 6, 50, 1),  # chunk = k = 1: one chunk per bank row
-        (7, 2, 64, 32),  # chunk = 16 divides the bank: no partial chunk
+        (7, 2, 64, 16),  # chunk = 16 divides the bank: no partial chunk
     ],
 )
 def test_knn_search_chunked_equals_single_chunk_and_brute_force(
-    metric, k, n_query, n_bank, block_elements, monkeypatch
+    metric, k, n_query, n_bank, chunk_size, monkeypatch
 ):
     query, bank = _data(n_query, n_bank, 8, seed=n_bank + k)
     prepared = prepare_bank(bank, metric)
-    whole_d, whole_i = F.knn_search(query, prepared, k, metric=metric, block_elements=1 << 30)
+    whole_d, whole_i = F.knn_search(query, prepared, k, metric=metric, chunk_size=1 << 30)
 
     calls = []
     real = knn_module.pairwise_distance
@@ -137,9 +137,9 @@ def test_knn_search_chunked_equals_single_chunk_and_brute_force(
         return real(q, b, *args, **kwargs)
 
     monkeypatch.setattr(knn_module, "pairwise_distance", counting)
-    d, i = F.knn_search(query, prepared, k, metric=metric, block_elements=block_elements)
+    d, i = F.knn_search(query, prepared, k, metric=metric, chunk_size=chunk_size)
 
-    chunk = min(n_bank, max(k, block_elements // n_query))
+    chunk = min(n_bank, max(k, chunk_size))
     assert len(calls) == math.ceil(n_bank / chunk)
     assert len(calls) >= 4, "the chunk loop should run many times"
     assert sum(calls) == n_bank, "every bank row is visited exactly once"
@@ -154,11 +154,11 @@ def test_knn_search_chunked_equals_single_chunk_and_brute_force(
 
 
 def test_knn_search_chunked_result_does_not_depend_on_batch_size():
-    # with a small block the chunk width depends on the number of queries
+    # the chunk width depends on the bank only, never on the number of queries
     query, bank = _data(24, 77, 5, seed=11)
-    d_all, i_all = F.knn_search(query, bank, 6, block_elements=48)
+    d_all, i_all = F.knn_search(query, bank, 6, chunk_size=10)
     for size in (1, 5, 24):
-        parts = [F.knn_search(q, bank, 6, block_elements=48) for q in query.split(size)]
+        parts = [F.knn_search(q, bank, 6, chunk_size=10) for q in query.split(size)]
         torch.testing.assert_close(torch.cat([p[0] for p in parts]), d_all)
         assert torch.equal(torch.cat([p[1] for p in parts]), i_all)
 
@@ -172,7 +172,7 @@ def test_knn_search_docstring_example_and_exact_small_case():
 
 def test_knn_search_k_equal_to_bank_size_returns_whole_bank_sorted():
     query, bank = _data(3, 6, 4, seed=2)
-    d, i = F.knn_search(query, bank, 6, block_elements=4)
+    d, i = F.knn_search(query, bank, 6, chunk_size=4)
     ref_d, _, _ = brute_force_knn(query, bank, 6, "euclidean")
     np.testing.assert_allclose(d.numpy(), ref_d, rtol=1e-5, atol=1e-5)
     assert sorted(i[0].tolist()) == list(range(6))
@@ -181,8 +181,8 @@ def test_knn_search_k_equal_to_bank_size_returns_whole_bank_sorted():
 def test_knn_search_with_precomputed_bank_norms_equals_without():
     query, bank = _data(7, 30, 5, seed=4)
     norms = bank.pow(2).sum(dim=1)
-    d1, i1 = F.knn_search(query, bank, 3, bank_sq_norms=norms, block_elements=21)
-    d2, i2 = F.knn_search(query, bank, 3, block_elements=21)
+    d1, i1 = F.knn_search(query, bank, 3, bank_sq_norms=norms, chunk_size=3)
+    d2, i2 = F.knn_search(query, bank, 3, chunk_size=3)
     torch.testing.assert_close(d1, d2)
     assert torch.equal(i1, i2)
 
@@ -255,7 +255,7 @@ def test_knn_statistic_unknown_stat_names_the_argument():
 def test_knn_score_equals_brute_force_statistic(metric, stat):
     query, bank = _data(8, 45, 6, seed=21)
     out = F.knn_score(
-        query, prepare_bank(bank, metric), 4, metric=metric, stat=stat, block_elements=30
+        query, prepare_bank(bank, metric), 4, metric=metric, stat=stat, chunk_size=4
     )
     ref_d, _, _ = brute_force_knn(query, bank, 4, metric)
     np.testing.assert_allclose(out.numpy(), NUMPY_STATS[stat](ref_d, axis=1), rtol=1e-5, atol=1e-5)
@@ -428,3 +428,17 @@ def test_interpolated_quantile_between_minus_inf_and_finite_is_minus_inf_not_nan
     low = F.interpolated_quantile(torch.tensor([-inf, 0.0]), 0.5)
     assert not torch.isnan(low), "interpolating between -inf and a finite score gave NaN"
     assert low.item() == -inf
+
+
+@pytest.mark.parametrize("fn", ["knn_search", "pairwise_distance"])
+def test_functional_cosine_normalises_a_raw_bank(fn):
+    query, bank = _data(5, 40, 6, seed=31)
+    raw = bank * 7.0 + 1.0
+    if fn == "knn_search":
+        d, _ = F.knn_search(query, raw, 3, metric="cosine", chunk_size=7)
+        ref, _, _ = brute_force_knn(query, raw, 3, "cosine")
+        np.testing.assert_allclose(d.numpy(), ref, rtol=1e-5, atol=1e-5)
+    else:
+        d = F.pairwise_distance(query, raw, "cosine")
+        expected = 1 - torch.nn.functional.cosine_similarity(query[:, None], raw[None], dim=-1)
+        torch.testing.assert_close(d, expected, rtol=1e-5, atol=1e-5)

@@ -28,8 +28,8 @@ def test_knn_search_on_cuda_equals_cpu(metric):
     g = torch.Generator().manual_seed(0)
     bank, query = torch.randn(5000, 64, generator=g), torch.randn(300, 64, generator=g)
     bank_c = torch.nn.functional.normalize(bank, dim=1) if metric == "cosine" else bank
-    d_cpu, _ = knn_search(query, bank_c, 7, metric=metric, block_elements=300 * 700)
-    d_gpu, _ = knn_search(query.cuda(), bank_c.cuda(), 7, metric=metric, block_elements=300 * 700)
+    d_cpu, _ = knn_search(query, bank_c, 7, metric=metric, chunk_size=700)
+    d_gpu, _ = knn_search(query.cuda(), bank_c.cuda(), 7, metric=metric, chunk_size=700)
     torch.testing.assert_close(d_gpu.cpu(), d_cpu, rtol=1e-4, atol=1e-4)
 
 

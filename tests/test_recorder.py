@@ -396,7 +396,26 @@ def test_callable_pool_is_applied_to_layer_output():
 
 
 def test_pool_names_are_the_documented_ones():
-    assert POOLS == ("auto", "avg", "cls", "mean", "flatten", "none")
+    assert POOLS == ("auto", "avg", "avg_last", "cls", "mean", "flatten", "none")
+
+
+def test_auto_refuses_channels_last_maps_and_avg_last_pools_them():
+    model = torchvision.models.swin_t().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"looks channels-last.*pool='avg_last'"):
+        st.Recorder(model, "norm")(x)
+    with torch.no_grad(), st.Recorder(model, "norm", pool="avg_last") as rec:
+        _, feats = rec(x)
+        manual = model.norm(model.features(x)).mean(dim=(1, 2))
+    torch.testing.assert_close(feats["norm"], manual)
+
+
+def test_auto_averages_conv1d_maps_instead_of_taking_a_token():
+    model = nn.Sequential(nn.Conv1d(3, 16, 3), nn.ReLU())
+    x = torch.randn(2, 3, 48)
+    with torch.no_grad(), st.Recorder(model, "0") as rec:
+        _, feats = rec(x)
+    torch.testing.assert_close(feats["0"], model[0](x).mean(dim=2))
 
 
 def test_recorder_pools_feature_map_and_tokens_by_shape_with_auto():

@@ -44,21 +44,55 @@ FITTED_CASES = [case for case in CASES if case.values[0] in FITTED_SCORES]
 UNFITTED_CASES = [case for case in CASES if case.values[0] in UNFITTED_SCORES]
 
 
+MEMBERS = 3  # ensemble members, for scores that take (N, C, M) logits
+
+
 def make_inputs(score, n: int, seed: int) -> torch.Tensor:
-    """Rows of what ``score`` consumes: ``(n, D)`` embeddings or ``(n, D)`` logits."""
+    """Rows of what ``score`` consumes: ``(n, D)`` embeddings or logits, or ``(n, D, MEMBERS)``
+    logits of an ensemble."""
     g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, D, generator=g)
+    shape = (n, D, MEMBERS) if getattr(score, "ensemble", False) else (n, D)
+    X = torch.randn(*shape, generator=g)
     return X * 3.0 if score.input == "logits" else X
 
 
-def make_labels(n: int, seed: int) -> torch.Tensor:
-    """``(n,)`` class labels in ``0..2`` for scores that fit on labels (others ignore them)."""
-    return torch.randint(3, (n,), generator=torch.Generator().manual_seed(seed + 100))
+def make_labels(X: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` labels for scores fitted on classes (others ignore them): 3 classes, by which of
+    the first three features is largest, so that the classes differ as a classifier's would."""
+    X = X.mean(dim=-1) if X.ndim == 3 else X  # ensembles: the members' mean
+    return X[:, :3].argmax(dim=1)
+
+
+# Scores that need more than their hyperparameters before fit (a classifier head, ...):
+# name -> function(score) that prepares a freshly created score for inputs of width D.
+SETUP: dict = {}
+
+
+def set_test_head(score):
+    """A fixed (5, D) classifier head with non-negative weights: the contract's outliers (every
+    feature -25) then get very negative logits, i.e. high energy, as unfamiliar inputs do for a
+    trained head (energy-based scores rank by the head, so a random-sign head would not)."""
+    g = torch.Generator().manual_seed(0)
+    return score.set_head(torch.rand(5, D, generator=g), torch.randn(5, generator=g))
+
+
+SETUP["vim"] = set_test_head  # selectorch/scores/head.py
+SETUP["react"] = set_test_head
+SETUP["ash"] = set_test_head
+
+
+def build(name: str, kwargs: dict | None = None):
+    """A fresh score, prepared by its SETUP entry if it has one (every contract test uses this)."""
+    score = create_score(name, **(kwargs or {}))
+    if name in SETUP:
+        SETUP[name](score)
+    return score
 
 
 def fitted(name: str, kwargs: dict, *, calibrate: bool = True):
-    score = create_score(name, **kwargs)
-    score.fit(make_inputs(score, 200, seed=1), make_labels(200, seed=1))
+    score = build(name, kwargs)
+    X = make_inputs(score, 200, seed=1)
+    score.fit(X, make_labels(X))
     if calibrate:
         score.calibrate(make_inputs(score, 60, seed=2), coverage=0.9)
     return score
@@ -80,7 +114,7 @@ def test_registry_holds_the_expected_scores():
 
 @pytest.mark.parametrize(("name", "kwargs"), FITTED_CASES)
 def test_contract_unfitted_use_raises_not_fitted_naming_fit(name, kwargs):
-    score = create_score(name, **kwargs)
+    score = build(name, kwargs)
     X = make_inputs(score, 5, seed=0)
     assert not score.is_fitted
     with pytest.raises(
@@ -95,7 +129,7 @@ def test_contract_unfitted_use_raises_not_fitted_naming_fit(name, kwargs):
 
 @pytest.mark.parametrize(("name", "kwargs"), UNFITTED_CASES)
 def test_contract_logit_scores_need_no_fit(name, kwargs):
-    score = create_score(name, **kwargs)
+    score = build(name, kwargs)
     X = make_inputs(score, 5, seed=0)
     assert score.is_fitted
     out = score(X)
@@ -122,8 +156,9 @@ def test_contract_select_before_calibrate_raises_naming_calibrate(name, kwargs):
 
 @pytest.mark.parametrize(("name", "kwargs"), CASES)
 def test_contract_fit_calibrate_and_set_threshold_return_self(name, kwargs):
-    score = create_score(name, **kwargs)
-    assert score.fit(make_inputs(score, 50, seed=1), make_labels(50, seed=1)) is score
+    score = build(name, kwargs)
+    X = make_inputs(score, 50, seed=1)
+    assert score.fit(X, make_labels(X)) is score
     assert score.calibrate(make_inputs(score, 30, seed=2), coverage=0.8) is score
     assert score.set_threshold(0.5) is score
     assert score.calibrate_scores(torch.arange(10.0), coverage=0.5) is score
@@ -140,7 +175,7 @@ def test_contract_state_dict_loads_into_fresh_unfitted_twin(name, kwargs):
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)
 
-    twin = create_score(name, **kwargs)
+    twin = build(name, kwargs)
     twin.load_state_dict(loaded)
     assert twin.is_fitted and twin.is_calibrated
     Q = make_inputs(score, 25, seed=4)
@@ -210,13 +245,13 @@ def test_contract_fitting_twice_replaces_state_and_drops_threshold(name, kwargs)
     score = fitted(name, kwargs)
     assert score.is_calibrated
     second = make_inputs(score, 120, seed=12) + 2.0
-    score.fit(second, make_labels(120, seed=12))
+    score.fit(second, make_labels(second))
     assert not score.is_calibrated
     assert score.calibration_scores_.numel() == 0
     Q = make_inputs(score, 20, seed=13)
     with pytest.raises(NotFittedError, match="calibrate"):
         score.select(Q)
-    fresh = create_score(name, **kwargs).fit(second, make_labels(120, seed=12))
+    fresh = build(name, kwargs).fit(second, make_labels(second))
     torch.testing.assert_close(score(Q), fresh(Q), rtol=0, atol=0)
     for key in type(score).fitted_buffers:
         assert torch.equal(getattr(score, key), getattr(fresh, key)), key
@@ -250,7 +285,7 @@ def test_contract_nan_and_inf_rows_get_inf_score_and_are_rejected(name, kwargs):
 @pytest.mark.parametrize(("name", "kwargs"), CASES)
 def test_contract_empty_batch_gives_empty_scores(name, kwargs):
     score = fitted(name, kwargs)
-    empty = torch.empty(0, D)
+    empty = make_inputs(score, 0, seed=0)
     assert score(empty).shape == (0,)
     assert score.score(empty).shape == (0,)
     out = score.select(empty)
@@ -259,6 +294,18 @@ def test_contract_empty_batch_gives_empty_scores(name, kwargs):
 
 def direction_data(score):
     """(reference, held-out calibration, inliers, outliers) for the score's input kind."""
+    if getattr(score, "ensemble", False):
+        # members that agree up to small noise vs members confident in different classes
+        g = torch.Generator().manual_seed(1)
+
+        def members(X):
+            return X[..., None] + 0.1 * torch.randn(*X.shape, MEMBERS, generator=g)
+
+        ref, cal = (members(torch.randn(n, D, generator=g) * 3.0) for n in (200, 100))
+        split = torch.stack(
+            [torch.eye(D)[[(i + m) % D for i in range(3)]] * 12.0 for m in range(MEMBERS)], dim=-1
+        )
+        return ref, cal, members(torch.eye(3, D) * 12.0), split
     if score.input == "logits":
         # a classifier's typical logits: one clear winner plus noise
         g = torch.Generator().manual_seed(1)
@@ -276,9 +323,9 @@ def direction_data(score):
 
 @pytest.mark.parametrize(("name", "kwargs"), CASES)
 def test_contract_higher_score_means_more_uncertain(name, kwargs):
-    score = create_score(name, **kwargs)
+    score = build(name, kwargs)
     ref, cal, inliers, outliers = direction_data(score)
-    score.fit(ref, make_labels(len(ref), seed=1))
+    score.fit(ref, make_labels(ref))
     s_in, s_out = score(inliers), score(outliers)
     assert s_out.min() > s_in.max(), (s_in.tolist(), s_out.tolist())
     score.calibrate(cal, coverage=0.9)
@@ -289,16 +336,15 @@ def test_contract_higher_score_means_more_uncertain(name, kwargs):
 @pytest.mark.parametrize(("name", "kwargs"), CASES)
 def test_contract_feature_checks_apply_to_every_score(name, kwargs):
     score = fitted(name, kwargs)
-    with pytest.raises(ValueError, match=r"`X` to have shape \(N, D\), got \(8,\)"):
+    with pytest.raises(ValueError, match=r"`X` to have shape \(N, (D|C, M)\).* got \(8,\)"):
         score(torch.zeros(8))
+    X = torch.ones_like(make_inputs(score, 4, seed=0))
     with pytest.raises(
         TypeError, match=r"`X` to be a floating-point tensor, got dtype torch.int64"
     ):
-        score(torch.zeros(3, D, dtype=torch.int64))
+        score(X.long())
     with pytest.raises(ValueError, match=r"`X` has 1 of 4 rows with NaN or Inf"):
-        score.calibrate(
-            torch.ones(4, D).index_fill_(0, torch.tensor([2]), float("nan")), coverage=0.5
-        )
+        score.calibrate(X.index_fill_(0, torch.tensor([2]), float("nan")), coverage=0.5)
 
 
 # ============================== kNN specifics ==================================================
@@ -331,7 +377,8 @@ def test_knn_score_module_equals_functional_equals_brute_force(metric, stat, k):
     functional = F.knn_score(query, prepare_bank(bank, metric), k, metric=metric, stat=stat)
     reference = brute_force_knn_scores(query, bank, k, metric, stat)
     assert module.shape == (12,)
-    torch.testing.assert_close(module, functional, rtol=0, atol=0)
+    # the module searches a bank centred on its mean: equal up to float32 round-off
+    torch.testing.assert_close(module, functional, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(module.numpy(), reference, rtol=1e-5, atol=1e-5)
 
 
@@ -366,7 +413,9 @@ def test_cosine_bank_is_stored_normalised():
     score = CosineScore().fit(bank)
     torch.testing.assert_close(score.bank_.norm(dim=1), torch.ones(30))
     torch.testing.assert_close(score.bank_, bank / bank.norm(dim=1, keepdim=True))
-    assert torch.equal(KNNScore().fit(bank).bank_, bank)  # euclidean keeps the rows as given
+    euclidean = KNNScore().fit(bank)  # euclidean keeps the rows, centred on their mean
+    torch.testing.assert_close(euclidean.bank_ + euclidean.mean_, bank)
+    torch.testing.assert_close(euclidean.mean_, bank.mean(dim=0))
 
 
 def test_fit_copies_the_bank():
@@ -383,7 +432,8 @@ def test_bank_sq_norms_not_saved_but_rebuilt_after_load(metric):
     score = KNNScore(k=2, metric=metric).fit(bank)
     state = score.state_dict()
     assert "bank_sq_norms_" not in state
-    assert set(state) == {"bank_", "threshold_", "calibration_scores_", "_extra_state"}
+    expected = {"bank_", "threshold_", "calibration_scores_", "_extra_state"}
+    assert set(state) == expected | ({"mean_"} if metric == "euclidean" else set())
     twin = KNNScore(k=2, metric=metric)
     assert twin.bank_sq_norms_.numel() == 0
     twin.load_state_dict(state)
@@ -486,7 +536,8 @@ def test_unknown_stat_and_metric_name_the_argument():
     ):
         KNNScore(stat="avg")
     with pytest.raises(
-        ValueError, match=r"`metric` to be one of \('euclidean', 'cosine'\), got 'l1'"
+        ValueError,
+        match=r"`metric` to be one of \('euclidean', 'cosine', 'mahalanobis'\), got 'l1'",
     ):
         KNNScore(metric="l1")
     with pytest.raises(ValueError, match=r"`stat`.*'avg'"):
@@ -739,3 +790,22 @@ def test_euclidean_distance_of_a_duplicate_with_large_norm_is_exact():
     assert score(bank[:20]).abs().max().item() == 0.0
     near = bank[:5] + 1e-3
     torch.testing.assert_close(score(near), torch.full((5,), 1e-3 * 128**0.5), rtol=1e-3, atol=1e-5)
+
+
+def test_state_dict_refuses_a_twin_with_other_hyperparameters():
+    cosine = KNNScore(k=2, metric="cosine").fit(torch.randn(30, 4))
+    with pytest.raises(ValueError, match=r"saved from KNNScore\(metric='cosine'\).*metric='euclidean'"):
+        KNNScore(k=2, metric="euclidean").load_state_dict(cosine.state_dict(), strict=False)
+    energy = create_score("energy", temperature=10.0).calibrate(torch.randn(30, 3), coverage=0.5)
+    with pytest.raises(ValueError, match=r"temperature=10.0.*temperature=1.0"):
+        create_score("energy").load_state_dict(energy.state_dict())
+    with pytest.raises(ValueError, match="saved from a KNNScore; it cannot load into a CosineScore"):
+        CosineScore(k=2).load_state_dict(cosine.state_dict())
+
+
+def test_refused_state_leaves_the_twin_untouched():
+    cosine = KNNScore(k=2, metric="cosine").fit(torch.randn(30, 4))
+    twin = KNNScore(k=2, metric="euclidean")
+    with pytest.raises(ValueError, match="metric="):
+        twin.load_state_dict(cosine.state_dict(), strict=False)
+    assert twin.bank_.numel() == 0 and not twin.is_fitted

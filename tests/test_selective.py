@@ -325,3 +325,49 @@ def test_fit_does_not_change_the_model():
     st.SelectiveModel(model, KNNScore(), layer="layer4").fit(images(6), progress=False)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fit_streams_an_iterable_dataset_without_a_length():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            g = torch.Generator().manual_seed(0)
+            for _ in range(10):
+                yield torch.randn(3, 32, 32, generator=g)
+
+    sel = st.SelectiveModel(small_resnet(), KNNScore(k=2), layer="avgpool")
+    sel.fit(DataLoader(Stream(), batch_size=4), progress=False)
+    assert sel.score.bank_.shape == (10, 512)
+
+
+def test_dict_batches_pass_every_non_label_key_to_the_model():
+    seen = {}
+
+    class WithMask(nn.Module):
+        def forward(self, pixel_values, pixel_mask=None):
+            seen["mask"] = pixel_mask
+            return pixel_values.flatten(1) * pixel_mask.flatten(1)
+
+    x, mask = torch.randn(6, 2, 2), torch.ones(6, 2, 2)
+    batch = {"pixel_values": x, "pixel_mask": mask, "label": torch.arange(6), "meta": None}
+    batch.pop("meta")
+    st.SelectiveModel(WithMask(), SoftmaxScore()).calibrate([batch], coverage=0.5, progress=False)
+    assert seen["mask"] is mask
+
+
+def test_non_tensor_dict_labels_are_ignored():
+    spy = SpyScore()
+    batch = {"input": torch.randn(4, 3), "label": ["a", "b", "c", "d"]}
+    st.SelectiveModel(nn.Identity(), spy).fit([batch], progress=False)
+    assert spy.seen_y is None
+
+
+def test_layer_must_be_one_name():
+    with pytest.raises(TypeError, match=r"`layer` to be a layer name \(str\) or None, got \['avgpool'\]"):
+        st.SelectiveModel(small_resnet(), KNNScore(), layer=["avgpool"])
+
+
+def test_numpy_integers_and_floats_are_accepted_as_hyperparameters():
+    np = pytest.importorskip("numpy")
+    score = KNNScore(k=np.int64(3)).fit(torch.randn(20, 4))
+    score.calibrate(torch.randn(20, 4), coverage=np.float32(0.5))
+    assert score.k == 3 and isinstance(score.k, int)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
 import torch
 
-from selectorch._checks import check_choice, check_fraction
+from selectorch._checks import check_choice, check_fraction, check_open_fraction
 from selectorch.calibration.bounds import BOUNDS
 from selectorch.calibration.risk import METHODS, risk_threshold
-from selectorch.functional.thresholds import coverage_threshold
+from selectorch.functional.thresholds import (
+    conformal_rank,
+    coverage_threshold,
+    min_calibration_size,
+)
 
 
 def check_target(
@@ -30,11 +33,10 @@ def check_target(
         )
     if coverage is not None:
         check_fraction("coverage", coverage)
-        return
-    if isinstance(risk, bool) or not isinstance(risk, (int, float)) or not 0 < risk < 1:
-        raise ValueError(f"Expected argument `risk` to be a number in (0, 1), got {risk!r}.")
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
-        raise ValueError(f"Expected argument `delta` to be a number in (0, 1), got {delta!r}.")
+    else:
+        check_open_fraction("risk", risk)
+    # the risk options are checked with a coverage target too: a typo never passes silently
+    check_open_fraction("delta", delta)
     check_choice("bound", bound, BOUNDS)
     check_choice("method", method, METHODS)
 
@@ -144,20 +146,15 @@ def calibrate_thresholds(
     thresholds, classes, short = [], [], []
     for c in range(num_classes):
         mask = preds == c
-        if (
-            coverage is not None
-            and coverage < 1
-            and math.ceil((int(mask.sum()) + 1) * coverage - 1e-9) > int(mask.sum())
-        ):
-            short.append((c, int(mask.sum())))
+        n_class = int(mask.sum())
+        if coverage is not None and coverage < 1 and conformal_rank(n_class, coverage) > n_class:
+            short.append((c, n_class))
             continue
         threshold, entry = _group(scores[mask], None if losses is None else losses[mask], **options)
         _warn_infeasible(entry, f" for class {c}")
         thresholds.append(threshold)
         classes.append({"class": c, **entry})
     if short:
-        from selectorch.functional.thresholds import min_calibration_size
-
         raise ValueError(
             f"per_class=True with coverage={coverage} needs at least "
             f"{min_calibration_size(coverage)} calibration samples predicted as each class; "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from selectorch._checks import check_choice
+
 METRICS = ("euclidean", "cosine")
 
 
@@ -30,19 +32,21 @@ def pairwise_distance(
     *,
     squared: bool = False,
     bank_sq_norms: torch.Tensor | None = None,
+    bank_normalized: bool = False,
 ) -> torch.Tensor:
     """Distances between every query row and every bank row.
 
     Euclidean distances use ``|q|^2 + |b|^2 - 2 q.b`` (one matrix product), clamped at zero.
-    Cosine distance is ``1 - cos(q, b)``; ``bank`` must already be normalised
-    (see :func:`prepare_bank`).
+    Cosine distance is ``1 - cos(q, b)``.
 
     Args:
         query: Query embeddings, shape ``(B, D)``.
-        bank: Reference embeddings, shape ``(M, D)``, in the form of :func:`prepare_bank`.
+        bank: Reference embeddings, shape ``(M, D)``.
         metric: ``"euclidean"`` or ``"cosine"``.
         squared: For euclidean, return squared distances (cheaper, same order).
         bank_sq_norms: Optional precomputed ``(M,)`` squared norms of ``bank`` (euclidean only).
+        bank_normalized: For cosine, whether ``bank`` rows already have unit norm (as
+            :func:`prepare_bank` leaves them); otherwise they are normalised here.
 
     Returns:
         Tensor of shape ``(B, M)``.
@@ -52,10 +56,10 @@ def pairwise_distance(
         >>> d.item()
         5.0
     """
+    check_choice("metric", metric, METRICS)
     if metric == "cosine":
+        bank = bank if bank_normalized else F.normalize(bank, dim=1)
         return 1.0 - F.normalize(query, dim=1) @ bank.T
-    if metric != "euclidean":
-        raise ValueError(f"Expected argument `metric` to be one of {METRICS}, got {metric!r}.")
     if bank_sq_norms is None:
         bank_sq_norms = bank.pow(2).sum(dim=1)
     sq = (query.pow(2).sum(dim=1, keepdim=True) + bank_sq_norms) - 2.0 * (query @ bank.T)

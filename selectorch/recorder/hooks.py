@@ -33,7 +33,7 @@ class _StoreHook:
         x = first_tensor(output, self.layer)
         if self.detach:
             x = x.detach()
-        pooled = pool_features(x, self.pool, self.layer)
+        pooled = pool_features(x, self.pool, self.layer, module)
         if pooled.ndim == 0:
             raise ValueError(
                 f"Layer {self.layer!r} gave a 0-dim tensor after pooling; expected a batch-first "

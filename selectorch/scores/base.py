@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from selectorch._checks import check_finite_rows, check_int, check_matrix
+from selectorch._checks import check_finite_rows, check_int, check_matrix, check_rows
 from selectorch.exceptions import NotFittedError
 from selectorch.functional.finite import finite_rows
 from selectorch.scores.thresholds import ThresholdMixin
@@ -114,6 +114,10 @@ class Score(ThresholdMixin, nn.Module, ABC):
             setattr(self, name, value.to(device=current.device, dtype=current.dtype))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args):  # type: ignore[override]
+        # refuse another class or other hyperparameters before touching any buffer
+        extra = state_dict.get(prefix + "_extra_state")
+        if isinstance(extra, dict):
+            self.check_compatible(extra)
         # buffers whose shape is only known after fitting are resized to what is loaded
         for name, buf in self._buffers.items():
             key = prefix + name
@@ -150,11 +154,8 @@ class Score(ThresholdMixin, nn.Module, ABC):
                 "Expected argument `X` to hold at least one row, got an empty (0, D) tensor."
             )
         check_finite_rows("X", X)
-        if y is not None and (not isinstance(y, torch.Tensor) or y.shape[0] != X.shape[0]):
-            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ValueError(
-                f"Expected argument `y` to have {X.shape[0]} rows like `X`, got {got}."
-            )
+        if y is not None:
+            check_rows("y", y, X.shape[0], "X")
         # the fitted state lives where the data is, in the module's floating dtype
         self.to(X.device)
         X = X.to(self.threshold_.dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -76,6 +77,14 @@ class ThresholdMixin:
         """
         self._check_calibrated()
         scores = self.score(X)
+        if preds is not None and self.threshold_.ndim == 1:
+            n_classes = self.threshold_.shape[0]
+            if preds.numel() and not bool(((preds >= 0) & (preds < n_classes)).all()):
+                raise ValueError(
+                    f"Expected argument `preds` to hold classes in [0, {n_classes}) (one threshold "
+                    f"per class was calibrated), got values from {int(preds.min())} to "
+                    f"{int(preds.max())}. Pass num_classes= to calibrate for unseen classes."
+                )
         return {"score": scores, "selected": self.selected(scores, preds)}
 
     @torch.no_grad()
@@ -244,8 +253,43 @@ class ThresholdMixin:
         self._check_calibrated()
         return dict(self._report)
 
+    def hparams(self) -> dict[str, Any]:
+        """The constructor's keyword arguments as stored on the score (plain values only)."""
+        names = inspect.signature(type(self).__init__).parameters
+        plain = (bool, int, float, str, type(None))
+        return {
+            name: getattr(self, name)
+            for name in names
+            if name != "self" and isinstance(getattr(self, name, ...), plain)
+        }
+
     def get_extra_state(self) -> dict[str, Any]:
-        return {"calibration_report": dict(getattr(self, "_report", {}))}
+        return {
+            "class": type(self).__name__,
+            "hparams": self.hparams(),
+            "calibration_report": dict(getattr(self, "_report", {})),
+        }
+
+    def check_compatible(self, state: dict[str, Any]) -> None:
+        """Refuse extra state saved from another score class or other hyperparameters.
+
+        Raises:
+            ValueError: The class or a hyperparameter differs; the message names both values.
+        """
+        name = state.get("class", type(self).__name__)
+        if name != type(self).__name__:
+            raise ValueError(
+                f"This state was saved from a {name}; it cannot load into a {type(self).__name__}."
+            )
+        mine = self.hparams()
+        for key, value in state.get("hparams", {}).items():
+            if key in mine and mine[key] != value:
+                raise ValueError(
+                    f"This state was saved from {name}({key}={value!r}); it cannot load into "
+                    f"{name}({key}={mine[key]!r}): build the score with the same "
+                    "hyperparameters."
+                )
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.check_compatible(state)
         self._report = dict(state.get("calibration_report", {}))

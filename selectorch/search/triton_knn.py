@@ -1,0 +1,185 @@
+"""Exact k-nearest-neighbour search in one pass over the bank, as a fused Triton kernel.
+
+The plain search (:func:`selectorch.functional.knn_search`) writes a ``(B, chunk)`` block of
+scores per chunk and runs ``topk`` on it, so it moves the bank once and the scores several
+times. Here one kernel streams the bank in tiles, computes ``q.b`` on the tensor cores with
+fp32 accumulation and keeps, per query and per slice of the bank, a buffer holding the exact
+top candidates of that slice; the scores never reach global memory. A ``topk`` over the small
+``(B, slices * capacity)`` candidate buffer merges the slices, and the distances of the chosen
+neighbours are recomputed exactly in fp32 from the stored rows (and re-ranked), as the plain
+path does. Triton is imported only when the kernel first runs, so this module imports on
+machines without it.
+
+Both kernels are registered with ``torch.library.triton_op``: ``torch.compile(fullgraph=True)``
+traces through them without a graph break.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["fused_knn_search", "supports", "MAX_K"]
+
+METRICS = ("euclidean", "cosine")
+#: Largest ``k`` the fused kernel serves (its per-slice buffers stay in registers).
+MAX_K = 128
+#: Bank dtypes the kernel reads directly.
+BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_KERNELS: ModuleType | None = None
+
+
+def _kernels() -> ModuleType:
+    global _KERNELS
+    if _KERNELS is None:
+        from selectorch.search import _triton_kernels
+
+        _KERNELS = _triton_kernels
+    return _KERNELS
+
+
+def supports(query: torch.Tensor, bank: torch.Tensor, k: int) -> bool:
+    """Whether :func:`fused_knn_search` can serve this search (else use the torch path).
+
+    True when Triton is installed, both tensors are 2-D on the same CUDA device, the bank is
+    fp32, bf16 or fp16 with unit stride along ``D``, ``D`` is a multiple of 16 and the same for
+    both, and ``1 <= k <= min(MAX_K, M)``. Depends only on metadata, so it is safe under
+    ``torch.compile``.
+
+    Args:
+        query: ``(B, D)`` queries.
+        bank: ``(M, D)`` reference rows.
+        k: Number of neighbours.
+
+    Returns:
+        ``True`` if the fused kernel applies.
+    """
+    if not (_HAS_TRITON and isinstance(query, torch.Tensor) and isinstance(bank, torch.Tensor)):
+        return False
+    if query.device.type != "cuda" or bank.device != query.device:
+        return False
+    if query.dim() != 2 or bank.dim() != 2 or not query.dtype.is_floating_point:
+        return False
+    n_bank, dim = bank.shape
+    return (
+        bank.dtype in BANK_DTYPES
+        and query.shape[1] == dim
+        and dim % 16 == 0
+        and bank.stride(1) == 1
+        and query.shape[0] >= 1
+        and 1 <= k <= min(MAX_K, n_bank)
+        and n_bank < 2**31 - 2**20
+    )
+
+
+def _n_selected(k: int, n_bank: int) -> int:
+    # re-rank a few more than k with exact distances: reduced-precision scores choose the
+    # candidates, exact fp32 distances choose among them
+    return min(n_bank, max(k, min(k + max(8, k // 4), MAX_K)))
+
+
+def _default_config(n_query: int, dim: int, dtype: torch.dtype) -> dict[str, Any]:
+    block_d = next(b for b in (64, 32, 16) if dim % b == 0)
+    if dtype == torch.float32:
+        block_d = min(block_d, 32)
+    if n_query <= 16:
+        return dict(block_q=16, block_n=128, block_d=block_d, num_warps=4, num_stages=4)
+    if n_query <= 32:
+        return dict(block_q=32, block_n=128, block_d=block_d, num_warps=4, num_stages=4)
+    if n_query <= 64:
+        return dict(block_q=64, block_n=128, block_d=block_d, num_warps=4, num_stages=4)
+    return dict(block_q=128, block_n=128, block_d=block_d, num_warps=8, num_stages=3)
+
+
+def _fp32_precision() -> str:
+    # follow torch's own switch: "highest" (the default) keeps fp32 accuracy with three tf32
+    # products; "high"/"medium" accept plain tf32, as torch's matmul then does
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def fused_knn_search(
+    query: torch.Tensor,
+    bank: torch.Tensor,
+    k: int,
+    *,
+    metric: str = "euclidean",
+    bank_sq_norms: torch.Tensor | None = None,
+    _config: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest neighbours with the fused Triton kernel (CUDA only).
+
+    Same contract as :func:`selectorch.functional.knn_search`: distances sorted ascending,
+    euclidean distances recomputed exactly (fp32) for the chosen neighbours, cosine distance
+    ``1 - cos`` against a bank that is already L2-normalised. The candidates are chosen from
+    scores computed in the bank's dtype (fp32 accumulation); for fp32 banks the products use
+    three tf32 passes (fp32 accuracy) unless ``torch.set_float32_matmul_precision`` allows
+    tf32. A few more than ``k`` candidates are re-ranked with exact distances.
+
+    Args:
+        query: ``(B, D)`` queries, any floating dtype (cast to the bank's dtype for the
+            products; the exact distances use the query in fp32).
+        bank: ``(M, D)`` reference rows, fp32, bf16 or fp16, on the query's CUDA device.
+        k: Number of neighbours, ``1 <= k <= min(MAX_K, M)``.
+        metric: ``"euclidean"`` or ``"cosine"``.
+        bank_sq_norms: Optional ``(M,)`` squared row norms (euclidean only; best in fp32).
+            Computed here, at the cost of one more read of the bank, when omitted.
+        _config: Kernel block sizes (benchmarks only).
+
+    Returns:
+        ``(distances, indices)``, both ``(B, k)``; distances in the promoted dtype of query
+        and bank, indices int64.
+
+    Raises:
+        ValueError: If ``metric`` is unknown or :func:`supports` rejects the inputs.
+
+    Example:
+        >>> bank = torch.randn(10_000, 128, device="cuda", dtype=torch.bfloat16)
+        >>> d, i = fused_knn_search(torch.randn(4, 128, device="cuda"), bank, 5)
+        >>> d.shape, i.shape
+        (torch.Size([4, 5]), torch.Size([4, 5]))
+    """
+    if metric not in METRICS:
+        raise ValueError(f"Expected argument `metric` to be one of {METRICS}, got {metric!r}.")
+    if not supports(query, bank, k):
+        raise ValueError(
+            "fused_knn_search needs Triton, query (B, D) and bank (M, D) on one CUDA device, a "
+            f"bank in {BANK_DTYPES} with unit stride along D, D a multiple of 16 and "
+            f"1 <= k <= min({MAX_K}, M); got query {tuple(query.shape)} {query.dtype} on "
+            f"{query.device}, bank {tuple(bank.shape)} {bank.dtype} on {bank.device}, k={k}. "
+            "Check selectorch.search.supports() and use selectorch.functional.knn_search."
+        )
+    ops = _kernels()
+    n_query, dim = query.shape
+    n_bank = bank.shape[0]
+    out_dtype = torch.promote_types(query.dtype, bank.dtype)
+    cosine = metric == "cosine"
+    if cosine:
+        query_f = F.normalize(query.float(), dim=1)
+        bias, scale = query_f, -1.0  # bias unused
+    else:
+        query_f = query.float().contiguous()
+        if bank_sq_norms is None:
+            bank_sq_norms = torch.linalg.vector_norm(bank, dim=1, dtype=torch.float32).square()
+        bias, scale = bank_sq_norms.to(torch.float32).contiguous(), -2.0
+    query_k = query_f.to(bank.dtype).contiguous()
+    n_sel = _n_selected(k, n_bank)
+    cfg = dict(_default_config(n_query, dim, bank.dtype), flat=True, splits_per_sm=2)
+    if _config:
+        cfg.update(_config)
+    precision = _fp32_precision() if bank.dtype == torch.float32 else "tf32"
+    values, cand = ops.knn_candidates(
+        query_k, bank, bias, scale, not cosine, n_sel,
+        cfg["block_q"], cfg["block_n"], cfg["block_d"], cfg["num_warps"], cfg["num_stages"],
+        cfg["splits_per_sm"], precision, cfg["flat"],
+    )
+    pos = values.topk(n_sel, dim=1, largest=False, sorted=False).indices
+    chosen = cand.gather(1, pos)
+    dist = ops.knn_gather_distances(query_f, bank, chosen, cosine)
+    dist, order = dist.topk(k, dim=1, largest=False, sorted=True)
+    return dist.to(out_dtype), chosen.gather(1, order).long()

@@ -1,0 +1,192 @@
+"""The fused Triton kNN search (selectorch.search) against the plain torch search.
+
+Tests marked ``gpu`` run on the GPU machine; the others check that the module imports and
+dispatches correctly where there is no CUDA device (CI).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from selectorch.functional import knn_search
+from selectorch.search import MAX_K, fused_knn_search, supports
+
+gpu = pytest.mark.gpu
+
+
+def make(n_query, n_bank, dim, *, dtype=torch.float32, metric="euclidean", seed=0, device="cuda"):
+    """Rank-16 structure plus isotropic noise: neighbours are well separated, as in embeddings."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(16, dim, generator=g) / 4
+    bank = torch.randn(n_bank, 16, generator=g) @ basis + 0.3 * torch.randn(n_bank, dim, generator=g)
+    query = torch.randn(n_query, 16, generator=g) @ basis + 0.3 * torch.randn(
+        n_query, dim, generator=g
+    )
+    if metric == "cosine":
+        bank = F.normalize(bank, dim=1)
+    return query.to(device), bank.to(device=device, dtype=dtype)
+
+
+def recall(found: torch.Tensor, ref: torch.Tensor) -> float:
+    k = ref.shape[1]
+    hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found.cpu(), ref.cpu()))
+    return hits / (ref.shape[0] * k)
+
+
+def test_supports_is_false_for_cpu_tensors_and_import_needs_no_triton_kernel():
+    query, bank = torch.randn(3, 32), torch.randn(100, 32)
+    assert supports(query, bank, 5) is False
+    with pytest.raises(ValueError, match="fused_knn_search needs Triton"):
+        fused_knn_search(query, bank, 5)
+
+
+def test_unknown_metric_is_rejected_with_its_name():
+    with pytest.raises(ValueError, match="`metric`.*'manhattan'"):
+        fused_knn_search(torch.randn(3, 32), torch.randn(100, 32), 5, metric="manhattan")
+
+
+@gpu
+def test_supports_rejects_what_the_kernel_cannot_serve():
+    query, bank = make(4, 1000, 64)
+    assert supports(query, bank, 5)
+    assert not supports(query[:, :40], bank[:, :40], 5)  # D not a multiple of 16
+    assert not supports(query, bank, MAX_K + 1)
+    assert not supports(query, bank[:3], 5)  # k > M
+    assert not supports(query, bank.to(torch.float64), 5)
+    assert not supports(query.cpu(), bank, 5)
+    assert not supports(query, bank.T.contiguous().T, 5)  # column stride != 1
+
+
+@gpu
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize(("n_query", "k"), [(1, 1), (7, 5), (300, 50), (64, 100), (130, MAX_K)])
+def test_fp32_fused_search_equals_plain_search(metric, n_query, k):
+    query, bank = make(n_query, 20_011, 96, metric=metric, seed=n_query + k)
+    d, i = fused_knn_search(query, bank, k, metric=metric)
+    d_ref, i_ref = knn_search(query, bank, k, metric=metric)
+    assert d.shape == (n_query, k) and i.shape == (n_query, k) and i.dtype == torch.int64
+    # same neighbours, up to the order of distances equal to the last bit
+    assert recall(i, i_ref) >= 0.999 and (i == i_ref).float().mean() >= 0.999
+    torch.testing.assert_close(d, d_ref, rtol=1e-5, atol=1e-5)
+    assert torch.all(d[:, 1:] >= d[:, :-1])
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_reduced_precision_recall_against_fp32_exact_search(dtype, metric):
+    query, bank = make(256, 50_000, 512, metric=metric, seed=3)
+    _, i_ref = knn_search(query, bank, 50, metric=metric)
+    low = bank.to(dtype)
+    d, i = fused_knn_search(query, low, 50, metric=metric)
+    assert recall(i, i_ref) >= 0.99
+    assert d.dtype == torch.float32  # promoted with the fp32 query
+    # distances are exact (fp32) for the stored rows that were chosen
+    rows = low[i].float()
+    if metric == "euclidean":
+        exact = (query[:, None, :] - rows).pow(2).sum(-1).sqrt()
+    else:
+        exact = 1 - (rows @ F.normalize(query, dim=1)[:, :, None]).squeeze(-1)
+    torch.testing.assert_close(d, exact, rtol=1e-5, atol=1e-5)
+
+
+@gpu
+def test_bf16_query_and_bank_return_bf16_distances():
+    query, bank = make(33, 5000, 64)
+    d, i = fused_knn_search(query.bfloat16(), bank.bfloat16(), 10)
+    assert d.dtype == torch.bfloat16 and i.shape == (33, 10)
+
+
+@gpu
+@pytest.mark.parametrize("config", [
+    dict(block_q=16, block_n=32, block_d=16, num_warps=4, num_stages=2, splits_per_sm=0),
+    dict(block_q=64, block_n=64, block_d=32, num_warps=4, num_stages=3, splits_per_sm=0, flat=False),
+    dict(block_q=128, block_n=128, block_d=64, num_warps=8, num_stages=3, splits_per_sm=1),
+])
+def test_compaction_of_long_splits_keeps_the_exact_neighbours(config):
+    # splits_per_sm=0 means a single split per query tile: every buffer fills and is compacted
+    # many times over
+    query, bank = make(150, 30_000, 64, seed=11)
+    d, i = fused_knn_search(query, bank, 20, _config=config)
+    d_ref, i_ref = knn_search(query, bank, 20)
+    assert recall(i, i_ref) >= 0.999
+    torch.testing.assert_close(d, d_ref, rtol=1e-5, atol=1e-5)
+
+
+@gpu
+def test_duplicate_rows_give_the_distances_of_the_plain_search():
+    g = torch.Generator().manual_seed(5)
+    distinct = torch.randn(40, 32, generator=g)
+    bank = distinct[torch.randint(0, 40, (6000,), generator=g)].cuda()
+    query = torch.randn(9, 32, generator=g).cuda()
+    d, i = fused_knn_search(query, bank, 60, _config=dict(splits_per_sm=0))
+    d_ref, _ = knn_search(query, bank, 60)
+    torch.testing.assert_close(d, d_ref, rtol=1e-5, atol=1e-5)
+    assert all(len(set(row.tolist())) == 60 for row in i.cpu())  # no index twice
+
+
+@gpu
+def test_nan_bank_rows_are_never_chosen():
+    query, bank = make(20, 4000, 64)
+    bank[::7] = float("nan")
+    d, i = fused_knn_search(query, bank, 10)
+    keep = torch.ones(4000, dtype=torch.bool, device="cuda")
+    keep[::7] = False
+    d_ref, i_ref = knn_search(query, bank[keep], 10)
+    assert torch.equal(i, keep.nonzero().squeeze(1)[i_ref])
+    torch.testing.assert_close(d, d_ref)
+
+
+@gpu
+def test_large_norms_still_give_exact_distances():
+    query, bank = make(50, 10_000, 128)
+    query, bank = query + 1000.0, bank + 1000.0
+    d, i = fused_knn_search(query, bank, 5)
+    exact = (query[:, None, :] - bank[i]).pow(2).sum(-1).sqrt()
+    torch.testing.assert_close(d, exact)
+    _, i_ref = knn_search(query.double(), bank.double(), 5)
+    assert recall(i, i_ref) >= 0.99
+
+
+@gpu
+def test_precomputed_norms_give_the_same_result():
+    query, bank = make(40, 10_000, 64)
+    norms = bank.pow(2).sum(1)
+    d1, i1 = fused_knn_search(query, bank, 8, bank_sq_norms=norms)
+    d2, i2 = fused_knn_search(query, bank, 8)
+    assert torch.equal(i1, i2)
+    torch.testing.assert_close(d1, d2)
+
+
+@gpu
+def test_tf32_precision_setting_keeps_recall():
+    query, bank = make(64, 20_000, 256, seed=2)
+    _, i_ref = knn_search(query, bank, 20)
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        _, i = fused_knn_search(query, bank, 20)
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert recall(i, i_ref) >= 0.99
+
+
+@gpu
+def test_compile_fullgraph_matches_eager_without_recompiling():
+    query, bank = make(32, 8000, 64, dtype=torch.bfloat16)
+    norms = bank.float().pow(2).sum(1)
+
+    def search(x):
+        return fused_knn_search(x, bank, 7, bank_sq_norms=norms)
+
+    compiled = torch.compile(search, fullgraph=True)
+    d, i = compiled(query)
+    d_eager, i_eager = search(query)
+    assert torch.equal(i, i_eager)
+    torch.testing.assert_close(d, d_eager)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    d2, _ = compiled(query + 0.5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+    assert d2.shape == (32, 7)

@@ -1,4 +1,4 @@
-"""kNN search stays exact where float arithmetic gets hard, and compiles once for all batch sizes."""
+"""kNN search stays exact where float arithmetic is hard, and compiles once for all batch sizes."""
 
 from __future__ import annotations
 

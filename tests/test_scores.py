@@ -794,12 +794,16 @@ def test_euclidean_distance_of_a_duplicate_with_large_norm_is_exact():
 
 def test_state_dict_refuses_a_twin_with_other_hyperparameters():
     cosine = KNNScore(k=2, metric="cosine").fit(torch.randn(30, 4))
-    with pytest.raises(ValueError, match=r"saved from KNNScore\(metric='cosine'\).*metric='euclidean'"):
+    with pytest.raises(
+        ValueError, match=r"saved from KNNScore\(metric='cosine'\).*metric='euclidean'"
+    ):
         KNNScore(k=2, metric="euclidean").load_state_dict(cosine.state_dict(), strict=False)
     energy = create_score("energy", temperature=10.0).calibrate(torch.randn(30, 3), coverage=0.5)
     with pytest.raises(ValueError, match=r"temperature=10.0.*temperature=1.0"):
         create_score("energy").load_state_dict(energy.state_dict())
-    with pytest.raises(ValueError, match="saved from a KNNScore; it cannot load into a CosineScore"):
+    with pytest.raises(
+        ValueError, match="saved from a KNNScore; it cannot load into a CosineScore"
+    ):
         CosineScore(k=2).load_state_dict(cosine.state_dict())
 
 

@@ -362,7 +362,9 @@ def test_non_tensor_dict_labels_are_ignored():
 
 
 def test_layer_must_be_one_name():
-    with pytest.raises(TypeError, match=r"`layer` to be a layer name \(str\) or None, got \['avgpool'\]"):
+    with pytest.raises(
+        TypeError, match=r"`layer` to be a layer name \(str\) or None, got \['avgpool'\]"
+    ):
         st.SelectiveModel(small_resnet(), KNNScore(), layer=["avgpool"])
 
 

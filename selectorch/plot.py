@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from selectorch._checks import check_choice, check_int, check_matrix
+from selectorch._checks import check_int, check_matrix
+from selectorch.embeddings_plot import project_2d, resolve_method
 from selectorch.functional.selective import aurc, oracle_aurc, risk_coverage_curve
 from selectorch.metrics._inputs import check_score, check_tensor, to_loss
 
@@ -247,24 +248,6 @@ def plot_threshold_sweep(
     return fig
 
 
-def _project(points: torch.Tensor, method: str, seed: int) -> torch.Tensor:
-    """``(N, D)`` float64 points to ``(N, 2)`` by PCA or t-SNE."""
-    if method == "pca":
-        centered = points - points.mean(dim=0)
-        _, _, vh = torch.linalg.svd(centered, full_matrices=False)
-        out = centered @ vh[:2].T
-        return out if out.shape[1] == 2 else torch.cat([out, torch.zeros_like(out)], dim=1)
-    try:
-        from sklearn.manifold import TSNE
-    except ImportError as err:
-        raise ImportError(
-            "method='tsne' needs scikit-learn (pip install scikit-learn); method='pca' does not."
-        ) from err
-    perplexity = min(30.0, max(1.0, (points.shape[0] - 1) / 3))
-    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
-    return torch.from_numpy(tsne.fit_transform(points.numpy()))
-
-
 def plot_embeddings(
     embeddings: torch.Tensor,
     selected: torch.Tensor,
@@ -283,7 +266,8 @@ def plot_embeddings(
     Args:
         embeddings: ``(N, D)`` floating embeddings.
         selected: ``(N,)`` bool, ``True`` where the prediction is kept.
-        method: ``"pca"`` (default) or ``"tsne"`` (needs scikit-learn).
+        method: ``"pca"`` (default), ``"tsne"`` (scikit-learn), ``"umap"`` (umap-learn) or
+            ``"auto"``; see :func:`selectorch.embeddings_plot.project_2d`.
         max_points: Most rows to project and draw.
         seed: Seed of the subsample and of t-SNE.
         ax: Axes to draw into; a new figure when ``None``.
@@ -293,7 +277,7 @@ def plot_embeddings(
         The figure.
 
     Raises:
-        ImportError: ``method="tsne"`` without scikit-learn.
+        ImportError: ``method="tsne"`` without scikit-learn, ``"umap"`` without umap-learn.
         ValueError: Bad shapes, an unknown ``method``, or fewer than 2 finite rows.
     """
     embeddings = check_matrix("embeddings", embeddings)
@@ -303,7 +287,7 @@ def plot_embeddings(
             f"Expected argument `selected` to be a ({embeddings.shape[0]},) bool tensor like the "
             f"rows of `embeddings`, got shape {tuple(selected.shape)} and dtype {selected.dtype}."
         )
-    check_choice("method", method, ("pca", "tsne"))
+    method = resolve_method(method)
     check_int("max_points", max_points, minimum=2)
     points = embeddings.detach().double().cpu()
     selected = selected.detach().cpu()
@@ -316,7 +300,7 @@ def plot_embeddings(
         keep = torch.randperm(points.shape[0], generator=torch.Generator().manual_seed(seed))
         keep = keep[:max_points]
         points, selected = points[keep], selected[keep]
-    xy = _project(points, method, seed).numpy()
+    xy = project_2d(points, method, seed=seed).numpy()
     fig, ax = _axes(ax, figsize)
     for mask, label, color in (
         (selected, "selected", "tab:blue"),
@@ -326,11 +310,12 @@ def plot_embeddings(
         ax.scatter(
             xy[m, 0], xy[m, 1], s=6, alpha=0.6, color=color, label=f"{label} ({int(m.sum())})"
         )
-    title = f"{method.upper()} of {points.shape[0]} embeddings"
+    shown = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}[method]
+    title = f"{shown} of {points.shape[0]} embeddings"
     ax.set_title(
         title + (f" ({n_bad} non-finite rows left out)" if n_bad else ""), fontsize="small"
     )
-    ax.set_xlabel(f"{method.upper()} 1")
-    ax.set_ylabel(f"{method.upper()} 2")
+    ax.set_xlabel(f"{shown} 1")
+    ax.set_ylabel(f"{shown} 2")
     ax.legend(fontsize="small", markerscale=2)
     return fig

@@ -92,7 +92,7 @@ def test_embedding_plot_tsne_when_scikit_learn_is_installed(tmp_path):
         torch.randn(50, 8), torch.rand(50) > 0.5, method="tsne", max_points=30, figsize=SIZE
     )
     assert render(fig, tmp_path).shape[:2] == (160, 200)
-    assert fig.axes[0].get_title() == "TSNE of 30 embeddings"
+    assert fig.axes[0].get_title() == "t-SNE of 30 embeddings"
 
 
 def test_plots_draw_into_a_given_axes():
@@ -110,7 +110,7 @@ def test_plot_errors_name_the_argument():
     with pytest.raises(ValueError, match="at least one of `calibration`, `test` or `ood`"):
         plot.plot_score_densities()
     with pytest.raises(ValueError, match="`method` to be one of"):
-        plot.plot_embeddings(torch.randn(5, 3), torch.ones(5, dtype=torch.bool), method="umap")
+        plot.plot_embeddings(torch.randn(5, 3), torch.ones(5, dtype=torch.bool), method="umop")
     with pytest.raises(ValueError, match=r"`selected` to be a \(5,\) bool tensor"):
         plot.plot_embeddings(torch.randn(5, 3), torch.ones(4, dtype=torch.bool))
     with pytest.raises(TypeError, match="`threshold` to be a number"):

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import logging
 
-from selectorch import functional, progress, scores
+from selectorch import distributed, functional, progress, scores
 from selectorch._version import __version__
+from selectorch.bench import BenchReport, evaluate
 from selectorch.cache import CacheMismatchError, load_cache
 from selectorch.embeddings_plot import plot_embedding_sets
 from selectorch.exceptions import NotFittedError
+from selectorch.memory import MemoryLimitError
+from selectorch.nonfinite import NonFiniteRowsWarning, drop_nonfinite
+from selectorch.persistence import PersistenceError
 from selectorch.record import record
 from selectorch.recorder import Recorder, list_layers
 from selectorch.scores import create_score, list_scores
@@ -22,13 +26,20 @@ from selectorch.selective import SelectiveModel, SelectiveOutput
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
+    "BenchReport",
     "CacheMismatchError",
+    "MemoryLimitError",
+    "NonFiniteRowsWarning",
     "NotFittedError",
+    "PersistenceError",
     "Recorder",
     "SelectiveModel",
     "SelectiveOutput",
     "__version__",
     "create_score",
+    "distributed",
+    "drop_nonfinite",
+    "evaluate",
     "functional",
     "list_layers",
     "list_scores",

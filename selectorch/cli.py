@@ -6,10 +6,26 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
 from selectorch._version import __version__
+
+
+def load_attribute(spec: str) -> Any:
+    """The object named by ``module:attribute`` (e.g. ``selectorch.datasets:mnist_net``).
+
+    Raises:
+        ValueError: The spec is malformed, or the module or attribute cannot be loaded.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"expected 'module:function', got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot load {spec!r}: {err}") from None
 
 
 def build_model(spec: str) -> nn.Module:
@@ -28,10 +44,7 @@ def build_model(spec: str) -> nn.Module:
             return torchvision.models.get_model(attr, weights=None)
         except ValueError as err:
             raise ValueError(f"unknown torchvision model {attr!r}: {err}") from None
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot load {spec!r}: {err}") from None
+    factory = load_attribute(spec)
     if not callable(factory):
         raise ValueError(f"{spec!r} is a {type(factory).__name__}, not a function building a model")
     try:
@@ -52,8 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     layers = sub.add_parser("layers", help="list the layer names a model offers to record")
     layers.add_argument("model", help="'torchvision:NAME' or 'module:function'")
     sub.add_parser("scores", help="list the registered scores")
+    from selectorch.bench.command import add_bench_parser
+
+    add_bench_parser(sub)
     args = parser.parse_args(argv)
 
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "scores":
         from selectorch.scores import get_score_class, list_scores
 
@@ -69,6 +87,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name:
             print(f"{name}\t{type(module).__name__}")
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """``selectorch bench``: user mistakes (paths, layers, weights) end in one line, exit 2."""
+    from selectorch.bench.command import run_bench
+
+    try:
+        return run_bench(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"selectorch: error: {first}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -13,8 +14,16 @@ from torch import nn
 from selectorch._checks import check_int
 from selectorch.calibration import check_target
 from selectorch.data import iter_batches, module_device, to_device
+from selectorch.distributed.collectives import (
+    gather_dataset,
+    is_distributed,
+    replicated_inputs,
+    sampler_indices,
+)
 from selectorch.functional.finite import finite_rows
 from selectorch.functional.logits import logit_predictions
+from selectorch.memory import check_stacking
+from selectorch.nonfinite import drop_nonfinite as _drop_nonfinite
 from selectorch.progress import progress_bar
 from selectorch.recorded import is_recorded, recorded_inputs
 from selectorch.recorder.hooks import LayerHooks
@@ -129,6 +138,7 @@ class _Collected:
     labels: Any
     preds: Any
     num_classes: int | None = None
+    logits: Any = None
 
     def stacked(self) -> _Collected:
         return _Collected(
@@ -136,7 +146,34 @@ class _Collected:
             torch.cat(self.labels) if self.labels else None,
             torch.cat(self.preds) if self.preds else None,
             self.num_classes,
+            torch.cat(self.logits) if self.logits else None,
         )
+
+
+def _gather_ranks(run: _Collected, data: Any) -> _Collected:
+    """Under ``torch.distributed``, every rank's recorded rows, the same on every rank.
+
+    A ``DistributedSampler``'s rows are put back in dataset order and its padding removed, so
+    the result is what one process reading the whole dataset in order records (see
+    :func:`selectorch.distributed.gather_dataset`).
+    """
+    if not is_distributed():
+        return run
+    features, labels, preds = gather_dataset(
+        run.features,
+        run.labels,
+        run.preds,
+        indices=sampler_indices(data),
+        warn_replicated=not is_recorded(data),
+    )
+    return _Collected(features, labels, preds, run.num_classes)
+
+
+def _finite_only(run: _Collected, name: str) -> _Collected:
+    """The samples of ``run`` whose features (and logits) are finite; a warning counts the rest."""
+    rows = {"features": run.features, "logits": run.logits}
+    kept, labels, preds = _drop_nonfinite(rows, run.labels, run.preds, name=name, stacklevel=4)
+    return _Collected(kept["features"], labels, preds, run.num_classes, kept["logits"])
 
 
 def _batch_count(data: Any, batch_size: int) -> int | None:
@@ -223,6 +260,13 @@ class SelectiveModel(nn.Module):
         # not a submodule: its hooks live on `model`
         object.__setattr__(self, "_hooks", hooks)
         object.__setattr__(self, "_pool", pool)  # to check recordings passed to fit/calibrate
+        if hooks is not None:
+            hooks.tie_to(self)  # a wrapper that is garbage-collected leaves no hook behind
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self._hooks is not None:
+            self._hooks.tie_to(self)  # a copy (deepcopy, unpickling) removes its own hooks too
 
     def _sync_head(self) -> None:
         """Copy the classifier head's weight and bias into a score that re-applies it."""
@@ -297,19 +341,52 @@ class SelectiveModel(nn.Module):
         self.score._check_fitted()
         self.score._check_calibrated()
         output, features = self._run(args, kwargs)
-        scores = self.score(features)
+        self._check_width(features)
         logits = logits_from_output(output)
-        ok = _finite_rows((*args, *kwargs.values(), logits), scores.shape[0], scores.device)
-        scores = torch.where(ok, scores, torch.full_like(scores, float("inf")))
+        needs_preds = getattr(self.score, "needs_preds", False)
         preds = None
-        if self.score.threshold_.ndim == 1:  # per-class thresholds: select by predicted class
-            preds, _ = class_predictions(logits, scores.shape[0], self.score)
+        # class-wise scores and per-class thresholds work on the predicted class
+        if needs_preds or self.score.threshold_.ndim == 1:
+            first = next(iter(features.values())) if isinstance(features, dict) else features
+            preds, _ = class_predictions(logits, first.shape[0], self.score)
             if preds is None:
                 raise ValueError(
-                    "Per-class thresholds select by the predicted class, but the model's output "
-                    "holds no class logits."
+                    f"{type(self.score).__name__} (or its per-class thresholds) works on the "
+                    "predicted class, but the model's output holds no class logits."
                 )
+        scores = (
+            self.score.score_with_preds(features, preds) if needs_preds else self.score(features)
+        )
+        ok = _finite_rows((*args, *kwargs.values(), logits), scores.shape[0], scores.device)
+        scores = torch.where(ok, scores, torch.full_like(scores, float("inf")))
         return SelectiveOutput(output, scores, self.score.selected(scores, preds))
+
+    def _check_width(self, features: Any) -> None:
+        """Refuse features whose width differs from the fitted state's, naming the layer."""
+        dim = self.score._expected_dim()
+        if isinstance(self.layer, str) and isinstance(features, torch.Tensor) and dim is not None:
+            if features.ndim == 2 and features.shape[1] != dim:
+                raise ValueError(
+                    f"Layer {self.layer!r} gives {features.shape[1]} features per sample, but "
+                    f"{type(self.score).__name__} was fitted (or loaded) with {dim}: fit it on "
+                    "this model and layer, or load the state saved for them."
+                )
+
+    def check_features(self, *args: Any, **kwargs: Any) -> None:
+        """Run the model once on an example batch and check what the score would read.
+
+        Args:
+            *args: An example input, as the model takes it (a small batch is enough).
+            **kwargs: Keyword inputs of the model.
+
+        Raises:
+            ValueError: The recorded layer's width differs from the fitted state's.
+        """
+        device = module_device(self.model)
+        args, kwargs = to_device(args, device), to_device(kwargs, device)
+        with torch.no_grad(), _eval_mode(self.model):
+            _, features = self._run(args, kwargs)
+        self._check_width(features)
 
     def _collect_recorded(self, data: Any, y: torch.Tensor | None, desc: str) -> _Collected:
         """Score inputs, labels and predictions of a recording; the model does not run."""
@@ -341,7 +418,8 @@ class SelectiveModel(nn.Module):
             return self._collect_recorded(data, y, desc)
         check_int("batch_size", batch_size)
         device = module_device(self.model)
-        parts = _Collected([], [], [])
+        parts = _Collected([], [], [], logits=[])
+        keep_logits = getattr(self.score, "needs_losses", False)  # DEUP fits on the model loss
         total = _batch_count(data, batch_size)
         batches = iter_batches(data, y, batch_size=batch_size)
         with _eval_mode(self.model):
@@ -349,15 +427,18 @@ class SelectiveModel(nn.Module):
                 args, kwargs = to_device(batch.args, device), to_device(batch.kwargs, device)
                 output, feats = self._run(args, kwargs)
                 parts.features.append(feats)
+                if len(parts.features) == 1:  # refuse now a bank that will not fit
+                    check_stacking(parts.features, total, f"Recording features for {desc}")
                 first = next(iter(feats.values())) if isinstance(feats, dict) else feats
                 if batch.labels is not None:
                     parts.labels.append(batch.labels.to(first.device))
-                preds, num_classes = class_predictions(
-                    logits_from_output(output), first.shape[0], self.score
-                )
+                logits = logits_from_output(output)
+                preds, num_classes = class_predictions(logits, first.shape[0], self.score)
                 if preds is not None:
                     parts.preds.append(preds.to(first.device))
                     parts.num_classes = num_classes
+                if keep_logits and logits is not None:
+                    parts.logits.append(logits.to(first.device))
         if not parts.features:
             raise ValueError(
                 f"Expected argument `data` to yield at least one batch for {desc}, got none."
@@ -369,6 +450,7 @@ class SelectiveModel(nn.Module):
                     f"Only {got} of {len(parts.features)} batches carried {name}; every batch "
                     "must, or none."
                 )
+        check_stacking(parts.features, None, f"Recording features for {desc}")
         return parts.stacked()
 
     def fit(
@@ -378,10 +460,15 @@ class SelectiveModel(nn.Module):
         *,
         batch_size: int = 256,
         progress: bool = True,
+        drop_nonfinite: bool = False,
     ) -> SelectiveModel:
         """Run the model once over reference data and fit the score on what it records.
 
         The model runs in eval mode under ``torch.no_grad()`` (its flags are restored after).
+        Under ``torch.distributed`` each rank runs the model on its part of the data (a
+        ``DistributedSampler``); the recorded rows of every rank are then gathered, in dataset
+        order and without the sampler's padding, so every rank fits the same state as one
+        process over all the data (see :mod:`selectorch.distributed`).
 
         Args:
             data: A DataLoader (batches: tensor, ``(x, y, ...)`` tuple or dict), an
@@ -392,13 +479,32 @@ class SelectiveModel(nn.Module):
             y: Optional ``(N,)`` labels with a tensor ``data``.
             batch_size: Rows per model call for a tensor ``data``.
             progress: Show a progress bar.
+            drop_nonfinite: Drop the samples whose recorded features (or logits) hold NaN or
+                Inf, with a :class:`~selectorch.nonfinite.NonFiniteRowsWarning` that counts
+                them; by default they raise a ``ValueError`` that counts them.
 
         Returns:
             ``self``.
+
+        Raises:
+            selectorch.memory.MemoryLimitError: The recorded features would not fit in memory
+                (checked after the first batch when the data has a length).
         """
         self._sync_head()
-        run = self._collect(data, y, batch_size, progress, "fit")
-        self.score.fit(run.features, run.labels)
+        run = _gather_ranks(self._collect(data, y, batch_size, progress, "fit"), data)
+        if drop_nonfinite:
+            run = _finite_only(run, "fit data")
+        labels = run.labels
+        if getattr(self.score, "needs_losses", False):  # DEUP learns the model's own loss
+            if run.labels is None or run.logits is None:
+                raise ValueError(
+                    f"{type(self.score).__name__} learns the model's per-sample loss: fit needs "
+                    "labelled data and a model whose output holds class logits."
+                )
+            labels = torch.nn.functional.cross_entropy(
+                run.logits.float(), run.labels.long(), reduction="none"
+            )
+        self.score.fit(run.features, labels)
         return self
 
     def calibrate(
@@ -414,6 +520,7 @@ class SelectiveModel(nn.Module):
         method: str = "sgr",
         batch_size: int = 256,
         progress: bool = True,
+        drop_nonfinite: bool = False,
     ) -> SelectiveModel:
         """Set the threshold on held-out data for a coverage or a risk target.
 
@@ -423,7 +530,9 @@ class SelectiveModel(nn.Module):
           (predicted class != label) is at most ``r`` with probability ``1 - d``; needs labels.
           Nothing is kept if no threshold can be certified.
 
-        See :meth:`selectorch.scores.Score.calibrate` and :meth:`calibration_report`.
+        See :meth:`selectorch.scores.Score.calibrate` and :meth:`calibration_report`. Under
+        ``torch.distributed`` every rank's calibration rows are gathered as in :meth:`fit`, so
+        every rank sets the same threshold.
 
         Args:
             data: Held-out data, as for :meth:`fit` (a recording too).
@@ -436,6 +545,9 @@ class SelectiveModel(nn.Module):
             method: ``"sgr"`` or ``"fixed-sequence"``.
             batch_size: Rows per model call for a tensor ``data``.
             progress: Show a progress bar.
+            drop_nonfinite: Drop (with a warning that counts them) the samples whose recorded
+                features or logits hold NaN or Inf, instead of raising. The coverage promise
+                then holds for the finite samples; the dropped ones are always rejected.
 
         Returns:
             ``self``.
@@ -447,7 +559,9 @@ class SelectiveModel(nn.Module):
         check_target(coverage, risk, delta, bound, method)
         self.score._check_fitted()
         self._sync_head()
-        run = self._collect(data, y, batch_size, progress, "calibrate")
+        run = _gather_ranks(self._collect(data, y, batch_size, progress, "calibrate"), data)
+        if drop_nonfinite:
+            run = _finite_only(run, "calibration data")
         needs_preds = per_class or risk is not None
         if needs_preds and run.preds is None:
             raise ValueError(
@@ -462,23 +576,102 @@ class SelectiveModel(nn.Module):
                 "A `risk` target needs labels in the calibration data ((x, y) batches, a 'label' "
                 "key, or `y` with a tensor) to know which kept predictions are wrong."
             )
-        self.score.calibrate(
-            run.features,
-            coverage=coverage,
-            risk=risk,
-            delta=delta,
-            correct=correct,
-            preds=run.preds,
-            per_class=per_class,
-            num_classes=run.num_classes,
-            bound=bound,
-            method=method,
-        )
+        with replicated_inputs():  # the gathered rows are the same on every rank
+            self.score.calibrate(
+                run.features,
+                coverage=coverage,
+                risk=risk,
+                delta=delta,
+                correct=correct,
+                preds=run.preds,
+                per_class=per_class,
+                num_classes=run.num_classes,
+                bound=bound,
+                method=method,
+            )
         return self
 
     def calibration_report(self) -> dict[str, Any]:
         """What the last calibration promised and achieved; see :meth:`Score.calibration_report`."""
         return self.score.calibration_report()
+
+    def save(self, path: str | os.PathLike[str]) -> os.PathLike[str]:
+        """Save the fitted score and how it is attached to the model, in the directory ``path``.
+
+        The directory holds the score's tensors (``state.pt``) and a JSON header with the
+        selectorch version, the score's class and hyperparameters, the layer, pooling and head
+        names, every tensor's shape, the model's class and weights checksum, and a SHA-256 of
+        each file (see :mod:`selectorch.persistence_model`). The model's weights are not saved.
+
+        Args:
+            path: Directory to write; a previous save there is replaced.
+
+        Returns:
+            The directory's path.
+
+        Raises:
+            selectorch.persistence.PersistenceError: The score is not registered.
+            FileExistsError: ``path`` exists and is not a selectorch save.
+        """
+        from selectorch.persistence_model import save_selective
+
+        return save_selective(self, path)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        model: nn.Module,
+        *,
+        map_location: torch.device | str | None = None,
+        pool: Pool | None = None,
+        check_model: bool = True,
+        example_input: Any = None,
+    ) -> SelectiveModel:
+        """Build a SelectiveModel on ``model`` from a directory written by :meth:`save`.
+
+        The header is checked before any tensor is read: format and version (same
+        ``major.minor``), sizes and SHA-256 of the files, the model's class and weights, the
+        layer's presence and, where its type tells, its width. Tensors are read with
+        ``torch.load(..., weights_only=True)``; nothing in the files is ever executed.
+
+        Args:
+            path: Directory written by :meth:`save`.
+            model: The model the score was fitted on (not yet compiled).
+            map_location: Device of the score's state; the model's device by default.
+            pool: The pooling callable, when the save was made with one (names are saved).
+            check_model: Refuse a model whose weights checksum differs from the saved one.
+            example_input: Optional example batch: the model runs once on it to check the
+                recorded layer's width against the loaded state.
+
+        Returns:
+            A fitted (and, if it was, calibrated) SelectiveModel.
+
+        Raises:
+            selectorch.persistence.PersistenceError: The save is refused; the message says why.
+
+        Example:
+            >>> import tempfile, torchvision
+            >>> net = torchvision.models.resnet18(num_classes=3).eval()
+            >>> sel = SelectiveModel(net, scores.KNNScore(k=2), layer="avgpool")
+            >>> sel = sel.fit(torch.randn(8, 3, 32, 32), progress=False)
+            >>> with tempfile.TemporaryDirectory() as tmp:
+            ...     _ = sel.save(f"{tmp}/sel")
+            ...     again = SelectiveModel.load(f"{tmp}/sel", net)
+            >>> again.score.bank_.shape
+            torch.Size([8, 512])
+        """
+        from selectorch.persistence_model import load_selective
+
+        return load_selective(
+            cls,
+            path,
+            model,
+            map_location=map_location,
+            pool=pool,
+            check_model=check_model,
+            example_input=example_input,
+        )
 
     def close(self) -> None:
         """Remove exactly the hooks this wrapper added to the model."""

@@ -109,3 +109,17 @@ def test_standalone_fit_moves_the_score_to_the_data_device():
     assert result["selected"].is_cuda
     back = KNNScore(k=2).cuda().fit(torch.randn(50, 8))
     assert {b.device.type for b in back.buffers()} == {"cpu"}
+
+
+def test_large_knn_score_on_cuda_dispatches_to_the_fused_kernel_and_matches_exact():
+    from selectorch.functional import knn_search as torch_search
+    from selectorch.search import use_fused
+
+    g = torch.Generator().manual_seed(0)
+    bank, query = torch.randn(1_100_000, 16, generator=g), torch.randn(256, 16, generator=g)
+    score = KNNScore(k=10).fit(bank.cuda())
+    q = query.cuda() - score.mean_
+    assert use_fused(q, score.bank_, 10)
+    fused = score(query.cuda())
+    d, _ = torch_search(q, score.bank_, 10, bank_sq_norms=score.bank_sq_norms_)
+    torch.testing.assert_close(fused, d[:, -1], rtol=1e-4, atol=1e-4)

@@ -373,3 +373,30 @@ def test_numpy_integers_and_floats_are_accepted_as_hyperparameters():
     score = KNNScore(k=np.int64(3)).fit(torch.randn(20, 4))
     score.calibrate(torch.randn(20, 4), coverage=np.float32(0.5))
     assert score.k == 3 and isinstance(score.k, int)
+
+
+def test_classwise_knn_in_a_selective_model_searches_the_predicted_class():
+    from selectorch.scores import ClassWiseKNNScore
+
+    model = small_resnet()
+    x, y = images(40), torch.arange(40) % 5
+    sel = st.SelectiveModel(model, ClassWiseKNNScore(k=2), layer="avgpool")
+    sel.fit(x, y, progress=False).calibrate(images(30, 1), coverage=0.8, progress=False)
+    q = images(4, 2)
+    with torch.no_grad():
+        out = sel(q)
+        feats = nn.Sequential(*list(model.children())[:-1])(q).flatten(1)
+        expected = sel.score.score_with_preds(feats, model(q).argmax(1))
+    torch.testing.assert_close(out.score, expected)
+
+
+def test_deup_in_a_selective_model_learns_the_models_own_loss():
+    from selectorch.scores import DEUPScore
+
+    model = small_resnet()
+    x, y = images(60), torch.arange(60) % 5
+    sel = st.SelectiveModel(model, DEUPScore(epochs=5, folds=2), layer="avgpool")
+    sel.fit(x, y, progress=False)
+    assert sel.score.is_fitted
+    with pytest.raises(ValueError, match="needs labelled data"):
+        st.SelectiveModel(model, DEUPScore(epochs=5), layer="avgpool").fit(x, progress=False)

@@ -42,7 +42,9 @@ def class_banks(X: torch.Tensor, y: torch.Tensor, num_classes: int | None = None
     return banks
 
 
-def nearest_class(query: torch.Tensor, means: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
+def nearest_class(
+    query: torch.Tensor, means: torch.Tensor, metric: str = "euclidean"
+) -> torch.Tensor:
     """``(B,)`` index of the class mean nearest to each query (``O(B C D)``, no bank search).
 
     Example:
@@ -94,7 +96,8 @@ def classwise_knn_search(
 
     Example:
         >>> banks = class_banks(torch.tensor([[0.0], [10.0], [1.0]]), torch.tensor([0, 1, 0]))
-        >>> d, i = classwise_knn_search(torch.tensor([[9.0], [9.0]]), banks, torch.tensor([0, 1]), 1)
+        >>> query, classes = torch.tensor([[9.0], [9.0]]), torch.tensor([0, 1])
+        >>> d, i = classwise_knn_search(query, banks, classes, 1)
         >>> d.tolist(), i.tolist()
         ([[8.0], [1.0]], [[1], [0]])
     """
@@ -113,9 +116,16 @@ def classwise_knn_search(
     dtype = _work_dtype(query, banks)
     with torch.autocast(query.device.type, enabled=False):
         return _search(
-            query.to(dtype), banks, classes, k, metric, bank_sq_norms, chunk_size,
-            bank_normalized, dtype,
-        )  # fmt: skip
+            query.to(dtype),
+            banks,
+            classes,
+            k,
+            metric,
+            bank_sq_norms,
+            chunk_size,
+            bank_normalized,
+            dtype,
+        )
 
 
 def _search(

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 
-def kfold_indices(n: int, folds: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+def kfold_indices(
+    n: int, folds: int, generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
     """Split ``range(n)`` at random into ``folds`` disjoint parts whose sizes differ by at most 1.
 
     Args:
@@ -79,9 +81,9 @@ def train_error_predictor(
     targets: torch.Tensor,
     *,
     hidden: int = 64,
-    epochs: int = 100,
+    epochs: int = 60,
     lr: float = 1e-3,
-    batch_size: int = 256,
+    batch_size: int = 512,
     weight_decay: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> list[torch.Tensor]:
@@ -107,7 +109,7 @@ def train_error_predictor(
     )
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=False)
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     targets = targets.to(z.dtype)
     with torch.enable_grad():
         for _ in range(epochs):
@@ -126,9 +128,9 @@ def out_of_fold_predictions(
     folds: list[torch.Tensor],
     *,
     hidden: int = 64,
-    epochs: int = 100,
+    epochs: int = 60,
     lr: float = 1e-3,
-    batch_size: int = 256,
+    batch_size: int = 512,
     weight_decay: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -175,32 +177,38 @@ def deup_score(
     low: torch.Tensor,
     high: torch.Tensor,
     target_scale: torch.Tensor,
-    support_slope: float = 1.0,
+    log_targets: bool = True,
+    support_margin: float = 3.0,
 ) -> torch.Tensor:
-    """DEUP score: predicted loss inside the training box, growing with the distance outside.
+    """DEUP score: the predicted loss, plus a term that grows far outside the training range.
 
-    ``g = target_scale * error_predictor((clamp(X, low, high) - mean) / scale)`` is evaluated on
-    features clamped into the per-feature range seen at fit, where the predictor was trained (a
-    ReLU network extrapolates in any direction); the score adds
-    ``support_slope * target_scale * |(X - clamp(X, low, high)) / scale|_2``, the distance
-    outside that range in standard deviations, so that far-away inputs score high (fail
-    closed). ``support_slope = 0`` leaves the clamped predictor alone.
+    The error predictor runs on features clamped into the per-feature range ``[low, high]``
+    seen at fit, where it was trained (a ReLU network extrapolates in an arbitrary direction):
+    ``g = error_predictor((clamp(X, low, high) - mean) / scale)``, read as a loss
+    ``target_scale * expm1(g)`` (``log_targets``) or ``target_scale * g``. Added to it is
+    ``target_scale * relu(r - support_margin)``, where ``r = |(X - clamp(X, low, high)) / scale|``
+    is how many standard deviations the input lies outside that range: zero near the training
+    data, growing by one mean loss per standard deviation beyond the margin, so that inputs
+    far from anything seen at fit score high (fail closed).
 
     Args:
         X: ``(N, D)`` features.
         params: Error predictor weights.
         mean, scale: ``(D,)`` standardisation of the features.
         low, high: ``(D,)`` per-feature range of the training features.
-        target_scale: 0-dim loss unit the predictor was trained in.
-        support_slope: Score added per standard deviation outside the range, in loss units.
+        target_scale: 0-dim loss unit (the mean training loss).
+        log_targets: Whether the predictor was trained on ``log1p(loss / target_scale)``.
+        support_margin: Standard deviations outside the range before the second term starts;
+            ``inf`` turns it off.
 
     Returns:
         ``(N,)`` scores, ``>= 0``.
     """
     inside = torch.minimum(torch.maximum(X, low), high)
     g = error_predictor((inside - mean) / scale, params)
+    predicted = torch.expm1(g) if log_targets else g
     outside = ((X - inside) / scale).norm(dim=1)
-    return target_scale * (g + support_slope * outside)
+    return target_scale * (predicted + F.relu(outside - support_margin))
 
 
 def head_losses(

@@ -9,7 +9,7 @@ _GOLDEN = 0x9E3779B9
 
 
 def _mix32(x):  # type: ignore[no-untyped-def]
-    """Chris Wellons' ``lowbias32`` finaliser, on a Python int or an int64 tensor of 32-bit values."""
+    """Chris Wellons' ``lowbias32`` finaliser of 32-bit values (Python int or int64 tensor)."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK
     x = x ^ (x >> 15)
@@ -22,9 +22,10 @@ def hash_uniform(X: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
     Each feature's 32 bits are mixed with a seed- and position-dependent salt, the mixed values
     are summed modulo ``2^32`` and mixed again; the top 24 bits give the value. Only integer
-    operations touch the bits, so the result is identical eagerly, under ``torch.compile``, on
-    any device and for any batch the row sits in. Rows are hashed as float32 (a float64 row
-    that is not exactly a float32 hashes as its float32 rounding); ``-0.0`` hashes as ``0.0``.
+    operations touch the bits, so the result is identical eagerly and under ``torch.compile``,
+    on the CPU and on CUDA (checked on an H100), and for any batch the row sits in. Rows are
+    hashed as float32 (a float64 row that is not exactly a float32 hashes as its float32
+    rounding); ``-0.0`` hashes as ``0.0``.
 
     Args:
         X: ``(N, D)`` floating tensor.
@@ -43,7 +44,9 @@ def hash_uniform(X: torch.Tensor, seed: int = 0) -> torch.Tensor:
     bits = x.view(torch.int32).to(torch.int64) & _MASK
     seed = int(seed) & _MASK
     position = torch.arange(X.shape[1], device=X.device, dtype=torch.int64)
-    salt = _mix32((position * _GOLDEN + seed) & _MASK)
+    # xor, not a product with the position: inductor would fold ``arange * constant`` into int32
+    # index arithmetic on CUDA, where the constant overflows
+    salt = _mix32(position ^ _mix32(seed ^ 0x2545F491))
     row = _mix32(bits ^ salt).sum(dim=1) & _MASK
     row = _mix32(row ^ _mix32(seed ^ _GOLDEN))
-    return ((row >> 8).to(torch.float64) / float(1 << 24)).to(X.dtype)
+    return ((row >> 8).to(torch.float32) / float(1 << 24)).to(X.dtype)  # 24 bits: exact

@@ -99,7 +99,9 @@ def _search(
             part = prepare_bank(part, metric)
         norms = None
         if squared:
-            norms = part.pow(2).sum(dim=1) if bank_sq_norms is None else bank_sq_norms[start:stop]
+            # stored norms in half precision lose too much (or overflow): recompute them
+            low = bank_sq_norms is None or bank_sq_norms.dtype in (torch.float16, torch.bfloat16)
+            norms = part.pow(2).sum(dim=1) if low else bank_sq_norms[start:stop]
             norms = norms.to(dtype)
         d = pairwise_distance(
             query, part, metric, squared=squared, bank_sq_norms=norms, bank_normalized=True

@@ -161,7 +161,7 @@ def fit_vim(
 
     Raises:
         ValueError: ``dim`` is not below ``D``, every row equals ``u``, or the training
-            features have no residual outside the principal subspace.
+            features have no residual outside the principal subspace (beyond rounding).
 
     Example:
         >>> X, W, b = torch.randn(100, 6), torch.randn(3, 6), torch.randn(3)
@@ -183,12 +183,14 @@ def fit_vim(
         moment += centred.T @ centred
     components, _ = principal_components(moment / n, d)
     residual_basis = components[:, dim:].contiguous()
-    max_logit = torch.zeros((), dtype=torch.float64, device=X.device)
-    residual_norm = torch.zeros((), dtype=torch.float64, device=X.device)
+    max_logit, residual_norm, centred_norm = torch.zeros(3, dtype=torch.float64, device=X.device)
     for chunk in X.split(chunk_rows):
+        centred = chunk.double() - origin
         max_logit += head_logits(chunk.double(), weight, bias).amax(dim=1).sum()
-        residual_norm += ((chunk.double() - origin) @ residual_basis).norm(dim=1).sum()
-    if not residual_norm > 0:
+        residual_norm += (centred @ residual_basis).norm(dim=1).sum()
+        centred_norm += centred.norm(dim=1).sum()
+    # below ~100 rounding errors of X's dtype, the residual is noise and alpha meaningless
+    if not residual_norm > 100 * torch.finfo(X.dtype).eps * centred_norm:
         raise ValueError(
             f"The training features have no component outside the principal subspace of "
             f"dim={dim}, so ViM's scale alpha is undefined; pass a smaller `dim`."
@@ -238,9 +240,10 @@ def vim_score(
 def activation_percentile(X: torch.Tensor, percentile: float) -> torch.Tensor:
     """Exact ``percentile`` of all entries of ``X``, as ``numpy.percentile`` (linear) computes.
 
-    Uses two :func:`torch.kthvalue` selections on the flattened tensor instead of
-    :func:`torch.quantile`, which refuses more than 16M elements; no sample is drawn, so the
-    result is exact for any size (a copy of ``X`` is made).
+    Uses two :func:`torch.kthvalue` selections on the flattened tensor: no sample is drawn, so
+    the result is exact for any size, in linear time (a copy of ``X`` is made).
+    :func:`torch.quantile` sorts everything, and before PyTorch 2.6 refused more than 2^24
+    elements, fewer than ImageNet-scale features hold.
 
     Args:
         X: ``(N, D)`` activations, ``N * D >= 1``.
@@ -319,6 +322,10 @@ def ash_shape(X: torch.Tensor, percentile: float = 90.0, variant: str = "s") -> 
       kept activations. A row whose kept activations sum to 0 (an all-zero row of ReLU
       features) is left unscaled rather than divided by zero.
 
+    Among equal activations (the zeros of a row with fewer than ``k`` positive ones) the lowest
+    indices are kept, deterministically; ASH-B writes ``s1 / k`` there too, as the reference
+    code does at whichever positions ``torch.topk`` returns.
+
     ASH assumes non-negative (post-ReLU) activations, as at the penultimate layer of a ResNet;
     with negative activations ``s1 / s2`` can be large and ``exp`` overflow (such rows then
     score ``+inf`` in a :class:`~selectorch.scores.Score`).
@@ -341,7 +348,10 @@ def ash_shape(X: torch.Tensor, percentile: float = 90.0, variant: str = "s") -> 
         )
     k = ash_keep(X.shape[1], percentile)
     X = X if X.dtype in (torch.float32, torch.float64) else X.float()
-    values, index = X.topk(k, dim=1)
+    # a stable sort, not topk: ties (the many zeros of ReLU features) keep the lowest indices,
+    # the same on every device, batch and compiled graph; ASH-B fills the kept positions
+    values, index = X.sort(dim=1, descending=True, stable=True)
+    values, index = values[:, :k], index[:, :k]
     if variant == "p":
         kept = values
     elif variant == "b":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -86,9 +87,28 @@ class LayerHooks:
         self.repeated: set[str] = set()
         self.recording = False
         self._hook_ids: dict[str, int] = {}
+        self._finalizer: weakref.finalize | None = None
         for name, module in modules.items():
             hook = _StoreHook(self, name, layers[name], pools[name], detach)
             self._hook_ids[name] = module.register_forward_hook(hook).id
+
+    def tie_to(self, owner: object) -> None:
+        """Remove the hooks when ``owner`` (the wrapper holding this object) is garbage-collected.
+
+        The hooks live on the model, which usually outlives its wrappers; without this, a
+        dropped Recorder or SelectiveModel would leave its hooks (and this object) behind.
+        Wrappers call it in ``__init__`` and again in ``__setstate__`` (copies, unpickling).
+        """
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if not self.closed:
+            self._finalizer = weakref.finalize(owner, self.close)
+            self._finalizer.atexit = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a finalizer belongs to one owner: a copy is tied to its own by the wrapper
+        return {**self.__dict__, "_finalizer": None}
 
     def start(self) -> None:
         """Clear what an interrupted run may have left, and start recording."""
@@ -162,3 +182,6 @@ class LayerHooks:
         self._hook_ids = {}
         self.recording = False
         self.store.clear()
+        finalizer, self._finalizer = getattr(self, "_finalizer", None), None
+        if finalizer is not None:
+            finalizer.detach()

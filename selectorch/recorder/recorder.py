@@ -80,6 +80,11 @@ class Recorder(nn.Module):
         self.model = model
         # not a submodule: its hooks live on `model`, which is registered once, above
         object.__setattr__(self, "_hooks", hooks)
+        hooks.tie_to(self)  # a recorder that is garbage-collected leaves no hook behind
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._hooks.tie_to(self)  # a copy (deepcopy, unpickling) removes its own hooks too
 
     @property
     def layers(self) -> dict[str, str]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 from selectorch._checks import check_finite_rows, check_int, check_matrix, check_rows
 from selectorch.exceptions import NotFittedError
 from selectorch.functional.finite import finite_rows
+from selectorch.memory import check_fits
 from selectorch.scores.thresholds import ThresholdMixin
 
 INPUTS = ("embedding", "logits")
@@ -28,6 +31,26 @@ def fail_closed(scores: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """
     ok = finite_rows(inputs) & torch.isfinite(scores)
     return torch.where(ok, scores, torch.full_like(scores, float("inf")))
+
+
+def round_down(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` in ``dtype``, rounded towards ``-inf`` rather than to the nearest.
+
+    A threshold stored in a coarser dtype than it was computed in (``.half()``, float64 scores
+    into a float32 score) must never grow by rounding: that would keep samples above the
+    calibrated threshold. Rounding down rejects instead, at most the samples within one unit
+    of the last place of the threshold.
+
+    Example:
+        >>> round_down(torch.tensor(1.0001, dtype=torch.float64), torch.float16).item()
+        1.0
+    """
+    out = value.to(dtype)
+    if not out.is_floating_point():
+        return out
+    above = out.to(torch.float64) > value.to(torch.float64)
+    lower = torch.nextafter(out, torch.full_like(out, -float("inf")))
+    return torch.where(above, lower, out)
 
 
 class Score(ThresholdMixin, nn.Module, ABC):
@@ -108,10 +131,28 @@ class Score(ThresholdMixin, nn.Module, ABC):
     def _set_buffer(self, name: str, value: torch.Tensor) -> None:
         """Write ``value`` into buffer ``name``, in place when the shape allows it."""
         current = getattr(self, name)
+        if name == "threshold_":  # never rounded up into a coarser dtype: fail closed
+            value = round_down(value.to(current.device), current.dtype)
         if current.shape == value.shape:
             current.copy_(value)
         else:
             setattr(self, name, value.to(device=current.device, dtype=current.dtype))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # type: ignore[override]
+        # .half() / .to(dtype) round the threshold down, never up (see round_down)
+        before = self._buffers.get("threshold_")
+        out = super()._apply(fn, recurse)
+        after = self._buffers.get("threshold_")
+        if (
+            before is not None
+            and after is not None
+            and before.numel()
+            and after.dtype != before.dtype
+            and after.is_floating_point()
+            and after.device.type != "meta"
+        ):
+            self._buffers["threshold_"] = round_down(before.to(after.device), after.dtype)
+        return out
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args):  # type: ignore[override]
         # refuse another class or other hyperparameters before touching any buffer
@@ -128,6 +169,86 @@ class Score(ThresholdMixin, nn.Module, ABC):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
         if self.is_fitted:
             self._refresh_derived()
+
+    def _check_fit_memory(self, X: torch.Tensor) -> None:
+        """Refuse, before allocating, a fit whose copies of ``X`` would not fit on its device.
+
+        A score whose state keeps the rows (``bank_``) holds one copy of ``X``; converting ``X``
+        to the module's dtype makes another.
+        """
+        copies = int("bank_" in self.fitted_buffers) + int(X.dtype != self.threshold_.dtype)
+        if copies:
+            itemsize = self.threshold_.element_size()
+            check_fits(
+                copies * X.numel() * itemsize,
+                X.device,
+                f"Fitting {type(self).__name__} on {X.shape[0]} rows of {X.shape[1]} features "
+                f"({copies} {'copy' if copies == 1 else 'copies'} in {self.threshold_.dtype})",
+                hint="Fit on fewer rows, cast X to the module's dtype first, or use another "
+                "device.",
+            )
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Save this score (fitted or not) in the directory ``path``.
+
+        The directory holds the tensors of :meth:`state_dict` (``state.pt``) and a JSON header
+        with the selectorch version, the registered class name and hyperparameters, the
+        calibration report, each tensor's shape and dtype and a SHA-256 of each file; for
+        ``KNNScore(backend="hnsw")`` also the hnswlib index with its fingerprint. See
+        :mod:`selectorch.persistence`.
+
+        Args:
+            path: Directory to write; a previous save there is replaced.
+
+        Returns:
+            The directory's path.
+
+        Raises:
+            selectorch.persistence.PersistenceError: The score is not registered, or a
+                hyperparameter is not a plain value.
+            FileExistsError: ``path`` exists and is not a selectorch save.
+        """
+        from selectorch.persistence import save_score
+
+        return save_score(self, path)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], *, map_location: torch.device | str | None = None
+    ) -> Any:
+        """Load a score saved by :meth:`save`, checking it before any tensor is read.
+
+        The class is looked up in the score registry by the name in the header (never imported
+        by name) and built with the saved hyperparameters; the tensors are read with
+        ``torch.load(..., weights_only=True)`` after their size and SHA-256 were checked.
+        Called on a subclass (``KNNScore.load``), it refuses a save of another class.
+
+        Args:
+            path: Directory written by :meth:`save`.
+            map_location: Device of the loaded state (CPU by default).
+
+        Returns:
+            The score, fitted and calibrated as it was saved, in the dtype it was saved in.
+
+        Raises:
+            selectorch.persistence.PersistenceError: The save is refused (not a save
+                directory, truncated or altered, incompatible version, not tensors only,
+                unknown or other class); the message says why.
+
+        Example:
+            >>> import tempfile
+            >>> score = scores.create_score("knn", k=2).fit(torch.randn(20, 4))
+            >>> with tempfile.TemporaryDirectory() as tmp:
+            ...     _ = score.save(f"{tmp}/knn")
+            ...     again = Score.load(f"{tmp}/knn")
+            >>> type(again).__name__, again.bank_.shape
+            ('KNNScore', torch.Size([20, 4]))
+        """
+        from selectorch.persistence import load_score
+
+        return load_score(path, map_location=map_location, expected=cls)
 
     # -- fit, score, calibrate, select ---------------------------------------------------------
 
@@ -153,6 +274,7 @@ class Score(ThresholdMixin, nn.Module, ABC):
             raise ValueError(
                 "Expected argument `X` to hold at least one row, got an empty (0, D) tensor."
             )
+        self._check_fit_memory(X)  # before anything is allocated
         check_finite_rows("X", X)
         if y is not None:
             check_rows("y", y, X.shape[0], "X")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -28,12 +30,32 @@ _PARAMS = (
 )
 
 
-def _check_nonnegative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < float(
-        "inf"
-    ):
-        raise ValueError(f"Expected argument `{name}` to be a finite number >= 0, got {value!r}.")
+def _check_nonnegative(name: str, value: Any, *, allow_inf: bool = False) -> float:
+    """Return ``value`` as a float if it is a number ``>= 0`` (finite unless ``allow_inf``)."""
+    top = float("inf")
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not number or not (0 <= value < top or (allow_inf and value == top)):
+        kind = "a number >= 0 (or inf)" if allow_inf else "a finite number >= 0"
+        raise ValueError(f"Expected argument `{name}` to be {kind}, got {value!r}.")
     return float(value)
+
+
+@contextlib.contextmanager
+def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
+    """Run torch on one CPU thread inside the block (restored after).
+
+    The operations of a small MLP are too small for intra-op threads to pay off reliably: on a
+    busy 2-core machine, training ran 7x slower with two threads than with one.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @register_score("deup")
@@ -46,23 +68,29 @@ class DEUPScore(Score):
     al. 2023): the rows are split into ``folds`` folds; for each fold an error predictor is
     trained on the other folds and predicts the held-out fold, which gives every row an
     out-of-fold estimate of the loss, a proxy of the generalisation error; the final predictor
-    ``g`` is trained on all rows to predict those estimates. The score is ``g(x) >= 0``: higher
-    means the model is more likely to be wrong.
+    ``g`` is trained on all rows to predict those estimates. The score is the loss ``g``
+    predicts, ``>= 0``: higher means the model is more likely to be wrong.
 
-    The predictor (two hidden ReLU layers of width ``hidden``, softplus output) is trained
-    with Adam for a fixed number of epochs on standardised features; folds, initialisation and
-    batch order come from ``torch.Generator().manual_seed(seed)``, so a fit is reproducible (bit
-    for bit on the CPU). Its weights are buffers, so ``state_dict``, ``.to()`` and
-    ``torch.compile`` treat them like any fitted state.
+    The predictor (two hidden ReLU layers of width ``hidden``, softplus output) is trained by
+    mean squared error with Adam for a fixed number of epochs, on standardised features. With
+    ``log_targets`` it regresses ``log1p(loss / mean loss)``, and its output is mapped back to
+    a loss: cross-entropy is heavy-tailed, and a few confident mistakes would otherwise
+    dominate the squared error (on noisy MNIST: AUROC for errors 0.77 against 0.74). Folds,
+    initialisation and batch order come from ``torch.Generator().manual_seed(seed)``, so a fit
+    is reproducible (bit for bit on the CPU, where training runs on one thread; the defaults fit
+    2000 x 128 rows in about 1.5 s on one core). The weights are buffers,
+    so ``state_dict``, ``.to()`` and ``torch.compile`` treat them like any fitted state.
 
-    **Outside the training data** a ReLU network extrapolates in an arbitrary direction, so
-    ``g`` is evaluated on features clamped into the per-feature range seen at fit, and the score
-    adds ``support_slope`` (in units of the mean loss) per standard deviation that the input lies
-    outside that range: far-away inputs score high instead of arbitrarily (fail closed). This
-    term is zero inside the range; ``support_slope=0`` turns it off.
+    **Far from the training data** a ReLU network extrapolates in an arbitrary direction, so
+    ``g`` runs on features clamped into the per-feature range seen at fit, and the score adds
+    one mean loss per standard deviation that the input lies outside that range beyond
+    ``support_margin`` standard deviations: far-away inputs score high instead of arbitrarily
+    (fail closed), while inputs near the data are untouched. (Without the margin, the 3.5% of
+    held-out noisy digits that exceed the range a little, often confident ones, cost 0.02
+    AUROC.)
 
     **Integer labels.** ``y`` holds per-sample losses (float). If it holds integer class labels
-    instead, the losses are computed as the cross-entropy of a linear classifier head given by
+    instead, the losses are the cross-entropy of a linear classifier head given by
     :meth:`set_head` (the model's last layer, when ``X`` is its input); without a head that is
     an error.
 
@@ -74,8 +102,9 @@ class DEUPScore(Score):
         batch_size: Rows per training step.
         weight_decay: Adam's L2 penalty.
         seed: Seed of the training's random generator.
-        support_slope: Score per standard deviation outside the fitted feature range, in units
-            of the mean training loss.
+        log_targets: Regress ``log1p(loss / mean loss)`` instead of ``loss / mean loss``.
+        support_margin: Standard deviations outside the fitted feature range before the score
+            starts to grow; ``float("inf")`` turns that term off.
 
     Attributes:
         feature_mean_, feature_scale_: ``(D,)`` standardisation of the inputs.
@@ -111,12 +140,13 @@ class DEUPScore(Score):
         *,
         hidden: int = 64,
         folds: int = 5,
-        epochs: int = 100,
+        epochs: int = 60,
         lr: float = 1e-3,
-        batch_size: int = 256,
+        batch_size: int = 512,
         weight_decay: float = 0.0,
         seed: int = 0,
-        support_slope: float = 1.0,
+        log_targets: bool = True,
+        support_margin: float = 3.0,
     ) -> None:
         super().__init__()
         self.hidden = check_int("hidden", hidden)
@@ -126,7 +156,10 @@ class DEUPScore(Score):
         self.batch_size = check_int("batch_size", batch_size)
         self.weight_decay = _check_nonnegative("weight_decay", weight_decay)
         self.seed = check_int("seed", seed, minimum=0)
-        self.support_slope = _check_nonnegative("support_slope", support_slope)
+        if not isinstance(log_targets, bool):
+            raise ValueError(f"Expected argument `log_targets` to be a bool, got {log_targets!r}.")
+        self.log_targets = log_targets
+        self.support_margin = _check_nonnegative("support_margin", support_margin, allow_inf=True)
         for name in ("feature_mean_", "feature_scale_", "feature_low_", "feature_high_"):
             self.register_buffer(name, torch.empty(0))
         self.register_buffer("target_scale_", torch.empty(0))
@@ -150,12 +183,20 @@ class DEUPScore(Score):
             ``self``.
 
         Raises:
+            TypeError: ``weight`` is not a floating-point tensor.
             ValueError: The shapes do not fit.
+
+        Example:
+            >>> fc = torch.nn.Linear(16, 3)
+            >>> score = DEUPScore(epochs=5).set_head(fc.weight, fc.bias)
+            >>> score = score.fit(torch.randn(50, 16), torch.randint(3, (50,)))
         """
-        if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or not weight.is_floating_point():
-            got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
+            raise TypeError(f"Expected argument `weight` to be a floating-point tensor, got {got}.")
+        if weight.ndim != 2 or 0 in weight.shape:
             raise ValueError(
-                f"Expected argument `weight` to be a floating (C, D) tensor, got {got}."
+                f"Expected argument `weight` to have shape (C, D), got {tuple(weight.shape)}."
             )
         if bias is None:
             bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
@@ -233,8 +274,11 @@ class DEUPScore(Score):
             "generator": generator,
         }
         parts = kfold_indices(X.shape[0], self.folds, generator)
-        targets = out_of_fold_predictions(z, losses / target_scale, parts, **options)
-        params = train_error_predictor(z, targets, **options)
+        with _one_thread_on_cpu(X.device):
+            targets = losses / target_scale
+            targets = torch.log1p(targets) if self.log_targets else targets
+            targets = out_of_fold_predictions(z, targets, parts, **options)
+            params = train_error_predictor(z, targets, **options)
         for name, value in (
             ("feature_mean_", mean),
             ("feature_scale_", scale),
@@ -256,10 +300,9 @@ class DEUPScore(Score):
             low=self.feature_low_.to(dtype),
             high=self.feature_high_.to(dtype),
             target_scale=self.target_scale_.to(dtype),
-            support_slope=self.support_slope,
+            log_targets=self.log_targets,
+            support_margin=self.support_margin,
         )
 
     def extra_repr(self) -> str:
-        return (
-            f"hidden={self.hidden}, folds={self.folds}, epochs={self.epochs}, seed={self.seed}"
-        )
+        return f"hidden={self.hidden}, folds={self.folds}, epochs={self.epochs}, seed={self.seed}"

@@ -136,22 +136,23 @@ class HeadMixin:
 
     def _drop_head_state(self) -> None:
         """Forget the threshold and the buffers fitted from a head that was just replaced."""
-        dropped = [
-            name for name in self.head_dependent_buffers if getattr(self, name).numel() > 0
-        ]
-        if self.threshold_.numel() > 0 or self.calibration_scores_.numel() > 0:
-            dropped.append("threshold_")
+        fitted = [name for name in self.head_dependent_buffers if getattr(self, name).numel() > 0]
+        calibrated = self.threshold_.numel() > 0 or self.calibration_scores_.numel() > 0
         for name in [*self.head_dependent_buffers, "threshold_", "calibration_scores_"]:
             old = getattr(self, name)
             empty = (0,) * max(old.ndim, 1)
             setattr(self, name, torch.empty(empty, device=old.device, dtype=old.dtype))
-        if dropped:
+        if fitted or calibrated:
             self._report = {}
+            dropped = fitted + (["threshold_"] if calibrated else [])
+            redo = " and ".join(
+                call for call, needed in (("fit", fitted), ("calibrate", calibrated)) if needed
+            )
             warnings.warn(
-                f"{type(self).__name__}.set_head got a different classifier head; "
-                f"{', '.join(dropped)} came from the old head and were dropped. Call fit and "
-                "calibrate again.",
-                stacklevel=3,
+                f"{type(self).__name__}.set_head got a different classifier head, so what was "
+                f"computed from the old one was dropped ({', '.join(dropped)}). Call {redo} "
+                "again.",
+                stacklevel=4,  # the caller of set_head (through torch.no_grad's wrapper)
             )
 
     def _check_head(self) -> None:
@@ -165,7 +166,9 @@ class HeadMixin:
     @property
     def is_fitted(self) -> bool:
         """Whether the head is set and every fitted buffer is filled."""
-        return self.has_head and super().is_fitted  # type: ignore[misc]
+        # not `super().is_fitted`: dynamo of PyTorch 2.11 cannot trace a property through super()
+        buffers = self.fitted_buffers  # type: ignore[attr-defined]
+        return self.has_head and all(getattr(self, name).numel() > 0 for name in buffers)
 
     def _check_fitted(self) -> None:
         self._check_head()
@@ -260,7 +263,7 @@ class ViMScore(HeadMixin, Score):
                 f"ViM's scale alpha = {float(fitted.alpha):.4g} is not positive: the mean "
                 "maximum training logit is <= 0, so a larger residual lowers the score. ViM "
                 "expects a trained classifier head.",
-                stacklevel=4,
+                stacklevel=5,  # the caller of fit (through HeadMixin.fit and torch.no_grad)
             )
         self._set_buffer("origin_", fitted.origin)
         self._set_buffer("residual_basis_", fitted.residual_basis)
@@ -330,9 +333,11 @@ class ASHScore(HeadMixin, Score):
     ``sum(x) / k``, and ``"s"`` scales them by ``exp(sum(x) / sum(kept))``; the score is
     ``-logsumexp`` of the head on the shaped row (see
     :func:`~selectorch.functional.shaping.ash_shape`). Nothing is fitted beyond the head, so
-    :meth:`fit` is optional. Made for non-negative (post-ReLU) features; scoring costs a top-k
-    and one head application, ``O(B D log k + B C D)``. The paper's ImageNet/ResNet-50 choices
-    are ASH-S at 90, ASH-B at 65 and ASH-P at 60.
+    :meth:`fit` is optional. Made for non-negative (post-ReLU) features; scoring costs a sort
+    of each row and one head application, ``O(B D log D + B C D)``. The paper's choices for
+    ImageNet/ResNet-50 are ASH-S at 90, ASH-B at 65 and ASH-P at 60; ASH-B needs rows with at
+    least ``k`` positive activations, or ``sum(x) / k`` lands on zero units (ties keep the
+    lowest indices).
 
     Args:
         percentile: Share of each row's activations removed, in ``[0, 100)``.

@@ -8,6 +8,12 @@ from typing import Any
 import torch
 
 from selectorch._checks import check_choice, check_int
+from selectorch.distributed.collectives import (
+    agreed_steps,
+    inputs_are_replicated,
+    is_distributed,
+)
+from selectorch.distributed.search import locate_shard, sharded_search, take_shard
 from selectorch.functional.distances import METRICS, prepare_bank
 from selectorch.functional.gaussian import (
     fit_gaussian_stats,
@@ -16,6 +22,7 @@ from selectorch.functional.gaussian import (
     whitening_matrix,
 )
 from selectorch.functional.knn import DEFAULT_CHUNK_SIZE, STATS, knn_search, knn_statistic
+from selectorch.functional.outliers import check_outlier_q, drop_self_matches, inlier_rows
 from selectorch.scores.base import Score
 from selectorch.scores.mahalanobis import DEFAULT_SHRINKAGE, check_shrinkage
 from selectorch.scores.registry import register_score
@@ -28,6 +35,7 @@ from selectorch.search.hnsw import (
     hnsw_search,
     resolve_ef,
 )
+from selectorch.search.triton_knn import fused_knn_search, use_fused
 
 #: Metrics of :class:`KNNScore`: those of the search, plus Euclidean after whitening.
 KNN_METRICS = (*METRICS, "mahalanobis")
@@ -57,6 +65,10 @@ class KNNScore(Score):
             whitens; ``0`` raises at fit if ``S`` is singular (the metric never falls back).
         chunk_size: Bank rows searched at a time: memory is bounded by a ``(B, chunk_size)``
             block of distances (float32).
+        outlier_q: Fraction in ``[0, 1)`` of the reference rows dropped at fit before the bank
+            is built (seapig's ``q``): the ``floor(outlier_q * N)`` rows with the highest
+            leave-one-out kNN score (each row against the others, exact search in the bank's
+            space; for mahalanobis the whitening is then refitted on the rows kept).
         backend: ``"exact"`` (the search above) or ``"hnsw"``: hnswlib's approximate graph
             search on the CPU (:mod:`selectorch.search.hnsw`), for banks too large for exact
             search there. The index is derived from ``bank_`` at ``fit`` and ``load_state_dict``
@@ -72,11 +84,20 @@ class KNNScore(Score):
             bank at ``save_index + ".json"``. If it exists it is loaded instead of built, and an
             index of another bank or other options raises
             :class:`~selectorch.search.hnsw.IndexMismatchError`; else it is built and saved.
+        shard: Under ``torch.distributed``, keep only this rank's contiguous slice of the bank
+            (exact backend). ``fit`` takes the whole reference set, the same on every rank
+            (:meth:`SelectiveModel.fit <selectorch.SelectiveModel.fit>` gathers it), and keeps a
+            slice; every search then runs on all ranks together and returns exactly the
+            neighbours of an unsplit search, with indices into the whole bank (see
+            :func:`selectorch.distributed.sharded_search`). Every rank must score at the same
+            time, as with DDP. Save with :func:`selectorch.distributed.save_sharded`.
 
     Attributes:
         bank_: ``(M, D)`` reference embeddings: centred on ``mean_`` for euclidean (distances do
             not change, precision improves), L2-normalised for cosine, centred and whitened for
-            mahalanobis.
+            mahalanobis. With ``shard=True``, this rank's rows of them.
+        shard_sizes_: ``(W,)`` rows held by each of the ``W`` ranks (``shard=True`` only).
+        shard_rank_: 0-dim, the rank whose rows ``bank_`` holds (``shard=True`` only).
         mean_: ``(D,)`` mean of the reference embeddings (euclidean and mahalanobis).
         whitener_: ``(D, D)`` inverse square root of the shrunk covariance (mahalanobis only).
         hnsw_index: The :class:`~selectorch.search.hnsw.HNSWIndex` of ``bank_`` (``"hnsw"``
@@ -103,14 +124,25 @@ class KNNScore(Score):
         stat: str = "max",
         shrinkage: float = DEFAULT_SHRINKAGE,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        outlier_q: float = 0.0,
         backend: str = "exact",
         M: int = DEFAULT_M,
         ef_construction: int = DEFAULT_EF_CONSTRUCTION,
         ef: int | None = None,
         num_threads: int = 1,
         save_index: str | os.PathLike[str] | None = None,
+        shard: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(shard, bool):
+            raise ValueError(f"Expected argument `shard` to be a bool, got {shard!r}.")
+        if shard and backend != "exact":
+            raise ValueError(
+                f"Argument `shard=True` needs backend='exact', got backend={backend!r} (each "
+                "rank would build and save its own approximate index)."
+            )
+        self.shard = shard
+        self.outlier_q = check_outlier_q(outlier_q)
         self.k = check_int("k", k)
         self.metric = check_choice("metric", metric, KNN_METRICS)
         self.stat = check_choice("stat", stat, STATS)
@@ -140,6 +172,10 @@ class KNNScore(Score):
             self.register_buffer("whitener_", torch.empty(0, 0))
         # derived from bank_ (not saved): squared row norms for euclidean search
         self.register_buffer("bank_sq_norms_", torch.empty(0), persistent=False)
+        if shard:  # which rows of the whole bank this rank holds
+            self.register_buffer("shard_sizes_", torch.empty(0, dtype=torch.int64))
+            self.register_buffer("shard_rank_", torch.empty(0, dtype=torch.int64))
+        self._shard_offset, self._bank_rows = 0, 0
 
     def _expected_dim(self) -> int | None:
         return self.bank_.shape[1] if self.is_fitted else None
@@ -151,6 +187,42 @@ class KNNScore(Score):
             )
 
     def _fit(self, X: torch.Tensor, y: torch.Tensor | None) -> None:
+        if self.outlier_q > 0:
+            self._build_bank(X)
+            X = X[self._inlier_rows()]
+        self._build_bank(X)
+        if self.shard:
+            bank, sizes, rank = take_shard(self.bank_)
+            self.bank_ = bank
+            self.shard_sizes_ = torch.tensor(sizes, device=bank.device)
+            self.shard_rank_ = torch.tensor(rank, device=bank.device)
+
+    def _inlier_rows(self) -> torch.Tensor:
+        """Rows of ``bank_`` kept by ``outlier_q`` (leave-one-out kNN scores, exact search)."""
+        n = self.bank_.shape[0]
+        if n < self.k + 1:
+            raise ValueError(
+                f"Expected at least k + 1 = {self.k + 1} reference rows for the leave-one-out "
+                f"search of outlier_q={self.outlier_q}, got {n}."
+            )
+        metric = "cosine" if self.metric == "cosine" else "euclidean"
+        d, i = knn_search(
+            self.bank_,
+            self.bank_,
+            self.k + 1,
+            metric=metric,
+            chunk_size=self.chunk_size,
+            bank_normalized=True,
+        )
+        rows = inlier_rows(knn_statistic(drop_self_matches(d, i)[0], self.stat), self.outlier_q)
+        if rows.numel() < self.k:
+            raise ValueError(
+                f"Expected argument `outlier_q` to leave at least k = {self.k} reference rows, "
+                f"got outlier_q={self.outlier_q} leaving {rows.numel()} of {n}."
+            )
+        return rows
+
+    def _build_bank(self, X: torch.Tensor) -> None:
         self._check_k(X.shape[0])
         if self.metric == "mahalanobis":
             stats = fit_gaussian_stats(X)
@@ -165,8 +237,14 @@ class KNNScore(Score):
             self.bank_ = prepare_bank(X.detach(), self.metric).clone()
 
     def _refresh_derived(self) -> None:
-        self._check_k(self.bank_.shape[0])
-        self.bank_sq_norms_ = self.bank_.pow(2).sum(dim=1)
+        self._shard_offset, self._bank_rows = 0, self.bank_.shape[0]
+        if self.shard:
+            sizes, rank = self.shard_sizes_.tolist(), int(self.shard_rank_)
+            self._shard_offset, self._bank_rows = locate_shard(sizes, rank, self.bank_.shape[0])
+        self._check_k(self._bank_rows)
+        work = torch.promote_types(self.bank_.dtype, torch.float32)
+        # float32 even for half banks (float64 for float64 ones)
+        self.bank_sq_norms_ = self.bank_.to(work).pow(2).sum(dim=1)
         if self.backend == "hnsw":
             self.hnsw_index = None  # never left pointing at another bank if the next step fails
             self.hnsw_index = build_or_load_index(
@@ -189,15 +267,12 @@ class KNNScore(Score):
             X = X.to(self.mean_.dtype) - self.mean_
         return X, "euclidean", self.bank_sq_norms_
 
-    def _search(self, X: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        X, metric, norms = self._query(X)
-        if self.backend == "hnsw":
-            if self.hnsw_index is None:
-                raise RuntimeError(
-                    f"This {type(self).__name__} has no hnsw index: its last build or load "
-                    "failed. Call fit or load_state_dict again."
-                )
-            return hnsw_search(X, self.bank_, self.hnsw_index, k)
+    def _exact_search(
+        self, X: torch.Tensor, k: int, metric: str, norms: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact search of ``bank_`` (this rank's slice when sharded), queries in its space."""
+        if use_fused(X, self.bank_, k):  # large searches on CUDA: one fused Triton kernel
+            return fused_knn_search(X, self.bank_, k, metric=metric, bank_sq_norms=norms)
         return knn_search(
             X,
             self.bank_,
@@ -208,8 +283,49 @@ class KNNScore(Score):
             bank_normalized=True,
         )
 
+    def _search(self, X: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        X, metric, norms = self._query(X)
+        if self.shard:  # every rank searches its slice; candidates are exchanged and merged
+            return sharded_search(
+                X,
+                lambda queries, k_local: self._exact_search(queries, k_local, metric, norms),
+                k,
+                offset=self._shard_offset,
+                local_rows=self.bank_.shape[0],
+                total_rows=self._bank_rows,
+            )
+        if self.backend == "hnsw":
+            if self.hnsw_index is None:
+                raise RuntimeError(
+                    f"This {type(self).__name__} has no hnsw index: its last build or load "
+                    "failed. Call fit or load_state_dict again."
+                )
+            return hnsw_search(X, self.bank_, self.hnsw_index, k)
+        return self._exact_search(X, k, metric, norms)
+
     def _score(self, X: torch.Tensor) -> torch.Tensor:
         return knn_statistic(self._search(X, self.k)[0], self.stat)
+
+    @property
+    def sharded_buffers(self) -> tuple[str, ...]:
+        """Buffers split by rows across ranks: ``("bank_",)`` with ``shard=True``."""
+        return ("bank_",) if self.shard else ()
+
+    @torch.no_grad()
+    def score(self, X: torch.Tensor, *, batch_size: int = 4096) -> torch.Tensor:
+        """Scores of many rows, ``batch_size`` at a time; see :meth:`Score.score`.
+
+        With ``shard=True`` under ``torch.distributed``, every rank runs as many steps as the
+        rank with the most rows (some on empty batches), since every step searches together.
+        """
+        if not (self.shard and is_distributed()) or inputs_are_replicated():
+            return super().score(X, batch_size=batch_size)
+        check_int("batch_size", batch_size)
+        self._check_fitted()
+        X = self._check_input(X)
+        steps = agreed_steps(X.shape[0], batch_size)
+        parts = [self(X[step * batch_size : (step + 1) * batch_size]) for step in range(steps)]
+        return torch.cat(parts) if parts else self(X)
 
     def knn_search(
         self, X: torch.Tensor, k: int | None = None
@@ -244,13 +360,15 @@ class KNNScore(Score):
         metric = "" if type(self) is not KNNScore else f", metric={self.metric!r}"
         shrinkage = f", shrinkage={self.shrinkage}" if self.metric == "mahalanobis" else ""
         chunk = "" if self.chunk_size == DEFAULT_CHUNK_SIZE else f", chunk_size={self.chunk_size}"
+        chunk += f", outlier_q={self.outlier_q}" if self.outlier_q else ""
         hnsw = ""
         if self.backend == "hnsw":
             hnsw = (
                 f", backend='hnsw', M={self.M}, ef_construction={self.ef_construction}, "
                 f"ef={resolve_ef(self.ef, self.k)}"
             )
-        return f"k={self.k}{metric}, stat={self.stat!r}{shrinkage}{chunk}{hnsw}"
+        shard = ", shard=True" if self.shard else ""
+        return f"k={self.k}{metric}, stat={self.stat!r}{shrinkage}{chunk}{hnsw}{shard}"
 
     def check_compatible(self, state: dict[str, Any]) -> None:
         """As :meth:`Score.check_compatible`, ignoring the search options: ``bank_`` fitted
@@ -268,8 +386,11 @@ class EuclideanScore(KNNScore):
         k: Number of neighbours.
         stat: ``"max"``, ``"mean"``, ``"median"`` or ``"min"`` over the k distances.
         chunk_size: Bank rows searched at a time.
+        outlier_q: Fraction of reference rows dropped at fit (see :class:`KNNScore`).
         backend: ``"exact"`` or ``"hnsw"``; ``M``, ``ef_construction``, ``ef``, ``num_threads``
             and ``save_index`` tune ``"hnsw"`` (see :class:`KNNScore`).
+        shard: Keep only this rank's slice of the bank under ``torch.distributed`` (see
+            :class:`KNNScore`).
     """
 
     def __init__(
@@ -278,24 +399,28 @@ class EuclideanScore(KNNScore):
         k: int = 1,
         stat: str = "max",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        outlier_q: float = 0.0,
         backend: str = "exact",
         M: int = DEFAULT_M,
         ef_construction: int = DEFAULT_EF_CONSTRUCTION,
         ef: int | None = None,
         num_threads: int = 1,
         save_index: str | os.PathLike[str] | None = None,
+        shard: bool = False,
     ) -> None:
         super().__init__(
             k=k,
             metric="euclidean",
             stat=stat,
             chunk_size=chunk_size,
+            outlier_q=outlier_q,
             backend=backend,
             M=M,
             ef_construction=ef_construction,
             ef=ef,
             num_threads=num_threads,
             save_index=save_index,
+            shard=shard,
         )
 
 
@@ -307,8 +432,11 @@ class CosineScore(KNNScore):
         k: Number of neighbours.
         stat: ``"max"``, ``"mean"``, ``"median"`` or ``"min"`` over the k distances.
         chunk_size: Bank rows searched at a time.
+        outlier_q: Fraction of reference rows dropped at fit (see :class:`KNNScore`).
         backend: ``"exact"`` or ``"hnsw"``; ``M``, ``ef_construction``, ``ef``, ``num_threads``
             and ``save_index`` tune ``"hnsw"`` (see :class:`KNNScore`).
+        shard: Keep only this rank's slice of the bank under ``torch.distributed`` (see
+            :class:`KNNScore`).
     """
 
     def __init__(
@@ -317,22 +445,26 @@ class CosineScore(KNNScore):
         k: int = 1,
         stat: str = "max",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        outlier_q: float = 0.0,
         backend: str = "exact",
         M: int = DEFAULT_M,
         ef_construction: int = DEFAULT_EF_CONSTRUCTION,
         ef: int | None = None,
         num_threads: int = 1,
         save_index: str | os.PathLike[str] | None = None,
+        shard: bool = False,
     ) -> None:
         super().__init__(
             k=k,
             metric="cosine",
             stat=stat,
             chunk_size=chunk_size,
+            outlier_q=outlier_q,
             backend=backend,
             M=M,
             ef_construction=ef_construction,
             ef=ef,
             num_threads=num_threads,
             save_index=save_index,
+            shard=shard,
         )

@@ -2,8 +2,9 @@
 
 Run on a machine with 2 GPUs, from the repository root (NVLink multicast off):
 
-    NCCL_NVLS_ENABLE=0 torchrun --standalone --nproc-per-node 2 benchmarks/distributed_knn.py
-    NCCL_NVLS_ENABLE=0 torchrun --standalone --nproc-per-node 2 benchmarks/distributed_knn.py --quick
+    export NCCL_NVLS_ENABLE=0
+    torchrun --standalone --nproc-per-node 2 benchmarks/distributed_knn.py          # full table
+    torchrun --standalone --nproc-per-node 2 benchmarks/distributed_knn.py --quick  # smaller
 
 Rows of the table (rank 0 prints it, in markdown):
 
@@ -46,7 +47,8 @@ def embeddings(rows: int, dim: int, seed: int, device: torch.device) -> torch.Te
     for start in range(0, rows, 65536):
         stop = min(start + 65536, rows)
         z = torch.randn(stop - start, 32, generator=g, device=device)
-        out[start:stop] = z @ basis + 0.1 * torch.randn(stop - start, dim, generator=g, device=device)
+        noise = torch.randn(stop - start, dim, generator=g, device=device)
+        out[start:stop] = z @ basis + 0.1 * noise
     return out
 
 
@@ -98,9 +100,10 @@ def main() -> None:
         for batch in args.batches:
             queries = embeddings(batch, args.dim, seed=1 + rank, device=device)
             per_batch[batch] = queries
-            seconds = time_steps(lambda q=queries: whole_fn(q), args.warmup, args.steps)
+            seconds = time_steps(lambda q=queries, f=whole_fn: f(q), args.warmup, args.steps)
             rows.append(("1 GPU, whole bank", 1, args.bank, batch, seconds))
-            rows.append((f"{world} GPUs, bank replicated", world, args.bank, world * batch, seconds))
+            replicated = f"{world} GPUs, bank replicated"
+            rows.append((replicated, world, args.bank, world * batch, seconds))
         reference = whole.knn_search(per_batch[args.batches[0]])
         del whole, whole_fn
         torch.cuda.empty_cache()
@@ -112,7 +115,7 @@ def main() -> None:
         local = sharded.bank_.shape[0]
         for batch in args.batches:
             queries = per_batch[batch]
-            seconds = time_steps(lambda q=queries: sharded_fn(q), args.warmup, args.steps)
+            seconds = time_steps(lambda q=queries, f=sharded_fn: f(q), args.warmup, args.steps)
             rows.append((f"{world} GPUs, bank sharded", world, local, world * batch, seconds))
             with replicated_inputs():
                 same = per_batch[batch] if rank == 0 else per_batch[batch].clone()
@@ -145,9 +148,14 @@ def report(args: argparse.Namespace, world: int, rows: list, checks: list[str]) 
           "| vs 1 GPU |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     base = {}
-    for setup, gpus, per_gpu, queries, seconds in rows:
+
+    def batch_of(row: tuple) -> int:  # queries each GPU receives per step
+        setup, gpus, _, queries, _ = row
+        return queries if "one stream" in setup else queries // gpus
+
+    for setup, gpus, per_gpu, queries, seconds in sorted(rows, key=batch_of):
         rate = queries / seconds
-        batch = queries // gpus if "one stream" not in setup else queries
+        batch = batch_of((setup, gpus, per_gpu, queries, seconds))
         if gpus == 1:
             base[batch] = rate
         ratio = rate / base[batch] if batch in base else float("nan")

@@ -22,7 +22,6 @@ from selectorch.distributed.checkpoint import load_sharded, save_sharded, sharde
 from selectorch.distributed.collectives import (
     World,
     agreed_steps,
-    all_reduce_gaussian_stats,
     gather_dataset,
     gather_parts,
     gather_rows,
@@ -39,6 +38,7 @@ from selectorch.distributed.search import (
     sharded_search,
     take_shard,
 )
+from selectorch.distributed.stats import all_reduce_gaussian_stats
 
 __all__ = [
     "World",

@@ -1,4 +1,4 @@
-"""Collectives for fitting on many processes: world info, gathers of uneven rows, statistics.
+"""Collectives for fitting on many processes: world info and gathers of uneven rows.
 
 Everything here runs eagerly (it reads sizes with ``.tolist()``) and is a no-op without an
 initialised process group of more than one rank. Every rank must make the same calls in the same
@@ -16,8 +16,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from selectorch.functional.gaussian import GaussianStats
-
 #: Dtypes that :func:`gather_rows` can carry (bool travels as uint8).
 _DTYPES = (
     torch.float32,
@@ -33,6 +31,8 @@ _DTYPES = (
 )
 #: Most dimensions of a tensor that :func:`gather_rows` can carry.
 _MAX_DIMS = 8
+# ``all_gather_single`` replaces ``all_gather_into_tensor`` in recent PyTorch releases
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 _REPLICATED: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "selectorch_replicated_inputs", default=False
@@ -146,7 +146,7 @@ def _gather_padded(
     if send.shape[0] < longest:
         send = torch.cat([send, send.new_zeros((longest - send.shape[0], *send.shape[1:]))])
     buffer = send.new_empty((len(sizes) * longest, *send.shape[1:]))
-    dist.all_gather_into_tensor(buffer, send, group=group)
+    _all_gather_into(buffer, send, group=group)
     return buffer.to(device=home, dtype=tensor.dtype), sizes
 
 
@@ -201,7 +201,7 @@ def gather_rows(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) ->
     if get_world(group).size == 1:
         return tensor
     buffer, sizes = _gather_padded(tensor, group)
-    return buffer[_positions(sizes)] if min(sizes) < max(sizes) else buffer
+    return buffer[_positions(sizes).to(buffer.device)] if min(sizes) < max(sizes) else buffer
 
 
 def _positions(sizes: list[int]) -> torch.Tensor:
@@ -367,51 +367,3 @@ def agreed_steps(rows: int, batch_size: int, group: dist.ProcessGroup | None = N
     value = value.to(comm_device(value.device, group))
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return int(value)
-
-
-def _merge_stats(a: GaussianStats, b: GaussianStats) -> GaussianStats:
-    """Chan et al.'s merge of two sets of class statistics (as ``update_gaussian_stats``)."""
-    classes = torch.unique(torch.cat([a.classes, b.classes]), sorted=True)
-    size = classes.shape[0]
-
-    def spread(values: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-        return values.new_zeros((size, *values.shape[1:])).index_copy_(0, at, values)
-
-    at_a, at_b = torch.searchsorted(classes, a.classes), torch.searchsorted(classes, b.classes)
-    n_a, m_a = spread(a.counts, at_a), spread(a.means, at_a)
-    n_b, m_b = spread(b.counts, at_b), spread(b.means, at_b)
-    n = n_a + n_b
-    delta = m_b - m_a
-    means = m_a + delta * (n_b / n)[:, None]
-    scatter = a.scatter + b.scatter + (delta * (n_a * n_b / n)[:, None]).T @ delta
-    return GaussianStats(classes, n, means, scatter)
-
-
-def all_reduce_gaussian_stats(
-    stats: GaussianStats, group: dist.ProcessGroup | None = None
-) -> GaussianStats:
-    """Merge every rank's class statistics into those of all the rows, the same on every rank.
-
-    The sufficient statistics of a Gaussian fit (counts, means, pooled scatter; see
-    :mod:`selectorch.functional.gaussian`) are gathered, ``O(C D + D^2)`` per rank, and merged in
-    rank order with Chan et al.'s update, so no row travels. The result equals
-    :func:`~selectorch.functional.gaussian.fit_gaussian_stats` over all the rows up to float64
-    rounding (not bitwise: the sums are taken in another order). Ranks may hold different classes.
-
-    Args:
-        stats: This rank's statistics (float64, as the functional API makes them).
-        group: Process group (the default group when ``None``).
-
-    Returns:
-        The merged :class:`~selectorch.functional.gaussian.GaussianStats`.
-    """
-    if not is_distributed(group):
-        return stats
-    classes = gather_parts(stats.classes, group)
-    counts = gather_parts(stats.counts, group)
-    means = gather_parts(stats.means, group)
-    scatters = gather_parts(stats.scatter, group)
-    merged = GaussianStats(classes[0], counts[0], means[0], scatters[0])
-    for parts in zip(classes[1:], counts[1:], means[1:], scatters[1:], strict=True):
-        merged = _merge_stats(merged, GaussianStats(*parts))
-    return merged

@@ -20,7 +20,7 @@ import torch
 import torchvision
 from tensordict import MemoryMappedTensor
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 import selectorch as st
 import selectorch.progress as progress
@@ -554,3 +554,29 @@ def test_record_from_a_cuda_model_lands_on_cpu_and_a_cache_fits_on_cuda(tiny, tm
         sel.fit(tmp_path).calibrate(on_gpu, coverage=0.9)
         assert sel.score.bank_.device.type == "cuda"
         assert sel(x[:10].cuda()).selected.device.type == "cuda"
+
+
+def test_evaluate_and_bench_take_recording_caches_without_running_the_model(tmp_path, capsys):
+    from selectorch.cli import main as cli_main
+    from selectorch.datasets import mnist5k, mnist_net
+
+    net = mnist_net()
+    images, labels = mnist5k()
+    order = torch.randperm(5000, generator=torch.Generator().manual_seed(0))[:600]
+    splits = {"train": order[:300], "val": order[300:450], "test": order[450:]}
+    for name, idx in splits.items():
+        loader = DataLoader(TensorDataset(images[idx], labels[idx]), batch_size=100)
+        st.record(net, loader, layers=["classifier.1"], cache=tmp_path / name, progress=False)
+    calls = []
+    handle = net.register_forward_hook(lambda *a: calls.append(1))
+    report = st.evaluate(
+        net, ["cosine", "energy"], layer="classifier.1", fit=str(tmp_path / "train"),
+        calibrate=tmp_path / "val", test=tmp_path / "test", progress=False,
+    )
+    handle.remove()
+    assert calls == [] and len(report.rows) == 2
+    args = ["--model", "selectorch.datasets:mnist_net", "--layer", "classifier.1",
+            "--scores", "energy", "--no-plots", "--output", str(tmp_path / "out")]
+    args += [f"--{name}={tmp_path / name}" for name in splits]
+    assert cli_main(["bench", *args]) == 0
+    assert "energy" in capsys.readouterr().out

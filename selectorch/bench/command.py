@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tensordict import TensorDictBase
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -30,6 +31,7 @@ from selectorch.bench.default import (
     score_layers,
 )
 from selectorch.bench.evaluation import evaluate
+from selectorch.cache import META_FILE, load_cache
 from selectorch.scores.base import Score
 from selectorch.scores.registry import create_score
 
@@ -193,13 +195,19 @@ class _FlatImages(Dataset):
 
 
 def _image_data(path: str, flag: str, transform: Callable[[Any], Any], *, labels: bool) -> Any:
-    """An ImageFolder, or for OOD sets (``labels=False``) also a flat folder of images."""
+    """An ImageFolder, a recording cache (:func:`selectorch.record`), or for OOD sets
+    (``labels=False``) also a flat folder of images."""
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     root = Path(path)
     if not root.is_dir():
         raise BenchArgumentError(f"{flag}: no such directory: {path}")
+    if (root / META_FILE).is_file():  # a cache made by selectorch.record: no forward pass
+        try:
+            return load_cache(root)
+        except ValueError as err:
+            raise BenchArgumentError(f"{flag} {path}: {err}") from None
     if not labels and not any(p.is_dir() for p in root.iterdir()):
         files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
         if not files:
@@ -263,7 +271,9 @@ def _user_setup(args: argparse.Namespace, scores: dict[str, Score]) -> BenchSetu
     if workers < 0:
         raise BenchArgumentError(f"--workers: expected a number >= 0, got {workers}")
 
-    def loader(dataset: Any) -> DataLoader:
+    def loader(dataset: Any) -> Any:
+        if isinstance(dataset, TensorDictBase):  # a recording: evaluate reads it directly
+            return dataset
         return DataLoader(dataset, batch_size=args.batch_size, num_workers=workers)
 
     data: dict[str, Any] = {
@@ -286,9 +296,14 @@ def _user_setup(args: argparse.Namespace, scores: dict[str, Score]) -> BenchSetu
         head=head,
         data=data,
         description=f"{args.model}; layer {layer}; head {head}; "
-        + "; ".join(f"{k} {len(v.dataset):,}" for k, v in data.items() if k != "ood")
-        + "".join(f"; OOD {k} {len(v.dataset):,}" for k, v in ood.items()),
+        + "; ".join(f"{k} {_rows(v):,}" for k, v in data.items() if k != "ood")
+        + "".join(f"; OOD {k} {_rows(v):,}" for k, v in ood.items()),
     )
+
+
+def _rows(data: Any) -> int:
+    """Rows of a loader's dataset or of a recording."""
+    return int(data.batch_size[0]) if isinstance(data, TensorDictBase) else len(data.dataset)
 
 
 def _device(spec: str | None) -> torch.device:

@@ -8,6 +8,7 @@ those recordings, so all rows of the report see exactly the same embeddings and 
 from __future__ import annotations
 
 import math
+import os
 import platform
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from selectorch._checks import check_fraction, check_int, check_open_fraction
 from selectorch._version import __version__
 from selectorch.bench.report import BenchReport
+from selectorch.cache import load_cache
 from selectorch.data import module_device
 from selectorch.functional.ranking import auroc
 from selectorch.functional.selective import augrc, aurc, fpr_at_tpr
@@ -162,6 +164,8 @@ def _record_split(
     progress: bool,
 ) -> tuple[TensorDictBase, dict[str, Any]]:
     """Record one dataset (or check a given recording); return it and its timing."""
+    if isinstance(data, (str, os.PathLike)):  # the directory of a recording cache
+        data = load_cache(data)
     if isinstance(data, TensorDictBase):
         missing = [key for key in (*layers, "logits") if key not in data.keys()]
         if missing:

@@ -159,14 +159,15 @@ def _gather_ranks(run: _Collected, data: Any) -> _Collected:
     """
     if not is_distributed():
         return run
-    features, labels, preds = gather_dataset(
+    features, labels, preds, logits = gather_dataset(
         run.features,
         run.labels,
         run.preds,
+        run.logits,
         indices=sampler_indices(data),
         warn_replicated=not is_recorded(data),
     )
-    return _Collected(features, labels, preds, run.num_classes)
+    return _Collected(features, labels, preds, run.num_classes, logits)
 
 
 def _finite_only(run: _Collected, name: str) -> _Collected:

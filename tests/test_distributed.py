@@ -251,7 +251,9 @@ def runs(run_dir) -> dict[int, list[dict[str, Any]]]:
     """2 then 3 gloo processes (the 3 load the 2's checkpoint); results by world size."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # fork is fast, but a forked child cannot use CUDA once this process has initialised it
+    forkable = "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
+    method = "fork" if forkable else "spawn"
     return {
         world: launch(
             world, run_dir, backend="gloo", start_method=method, compile_backend="aot_eager"

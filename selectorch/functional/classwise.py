@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from selectorch._checks import check_choice, check_int
 from selectorch.functional.distances import METRICS, pairwise_distance
-from selectorch.functional.knn import _work_dtype, knn_statistic
+from selectorch.functional.knn import _work_dtype, knn_statistic, merge_topk
 
 #: Rows of a class bank searched per step: memory is one gathered ``(B, chunk, D)`` block.
 DEFAULT_CLASS_CHUNK_SIZE = 256
@@ -167,14 +167,7 @@ def _search(
             d = 1.0 - dot
         d = torch.where(valid, d, inf)
         d, i = d.topk(min(k, stop - start), dim=1, largest=False)
-        i = i + start
-        if best_d is None or best_i is None:
-            best_d, best_i = d, i
-        else:
-            d = torch.cat([best_d, d], dim=1)
-            i = torch.cat([best_i, i], dim=1)
-            best_d, pos = d.topk(k, dim=1, largest=False)
-            best_i = i.gather(1, pos)
+        best_d, best_i = merge_topk(best_d, best_i, d, i + start, k)
     assert best_d is not None and best_i is not None  # m_max >= 1: the loop ran
     if euclidean:
         # recompute the k chosen distances directly (exact) and re-sort them

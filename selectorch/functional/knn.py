@@ -22,6 +22,33 @@ def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def merge_topk(
+    best_d: torch.Tensor | None,
+    best_i: torch.Tensor | None,
+    d: torch.Tensor,
+    i: torch.Tensor,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge one chunk's candidates into a running top-k (smallest distances first).
+
+    Args:
+        best_d: ``(B, k)`` running distances, or ``None`` before the first chunk.
+        best_i: ``(B, k)`` their indices, or ``None``.
+        d: ``(B, c)`` the chunk's candidate distances.
+        i: ``(B, c)`` their indices.
+        k: Number of neighbours kept.
+
+    Returns:
+        ``(distances, indices)``, both ``(B, min(k, ...))``.
+    """
+    if best_d is None or best_i is None:
+        return d, i
+    d = torch.cat([best_d, d], dim=1)
+    i = torch.cat([best_i, i], dim=1)
+    best_d, pos = d.topk(k, dim=1, largest=False)
+    return best_d, i.gather(1, pos)
+
+
 def knn_search(
     query: torch.Tensor,
     bank: torch.Tensor,
@@ -107,14 +134,7 @@ def _search(
             query, part, metric, squared=squared, bank_sq_norms=norms, bank_normalized=True
         )
         d, i = d.topk(min(k, stop - start), dim=1, largest=False)
-        i = i + start
-        if best_d is None:
-            best_d, best_i = d, i
-        else:
-            d = torch.cat([best_d, d], dim=1)
-            i = torch.cat([best_i, i], dim=1)
-            best_d, pos = d.topk(k, dim=1, largest=False)
-            best_i = i.gather(1, pos)
+        best_d, best_i = merge_topk(best_d, best_i, d, i + start, k)
     if squared:
         # recompute the k chosen distances directly (exact) and re-sort them
         diff = query.unsqueeze(1) - bank[best_i].to(dtype)

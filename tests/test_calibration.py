@@ -11,12 +11,14 @@ from torch import nn
 
 import selectorch as st
 from selectorch.calibration import (
+    BinomialCDFPath,
     binomial_cdf,
     calibrate_thresholds,
     hoeffding_bentkus_pvalue,
     risk_threshold,
     upper_bound,
 )
+from selectorch.calibration.bounds import pvalue
 from selectorch.scores import KNNScore, SoftmaxScore
 
 
@@ -36,6 +38,56 @@ def synthetic_pool(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def test_binomial_cdf_equals_direct_sum(k, n, p):
     direct = sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
     assert binomial_cdf(k, n, p) == pytest.approx(direct, rel=1e-9)
+
+
+def test_binomial_cdf_path_follows_the_direct_cdf_over_3000_trials():
+    g = torch.Generator().manual_seed(0)
+    steps = (torch.rand(3000, generator=g) < 0.15).int().tolist()
+    path, errors = BinomialCDFPath(0.1), 0
+    for n, step in enumerate(steps, start=1):
+        path.add(step)
+        errors += step
+        assert (path.n, path.e) == (n, errors)
+        if n % 97 == 0 or n < 20:
+            assert path.cdf == pytest.approx(binomial_cdf(errors, n, 0.1), rel=1e-9, abs=1e-300)
+
+
+def _fixed_sequence_reference(scores, losses, risk, delta, bound):
+    """Fixed-sequence testing written plainly: every candidate's p-value from scratch."""
+    binary = bool(((losses == 0) | (losses == 1)).all())
+    thresholds = sorted(set(scores.tolist()))
+    start = math.ceil(math.log(delta) / math.log1p(-risk) - 1e-9)
+    best, tests = float("-inf"), 0
+    for t in thresholds:
+        kept = scores <= t
+        n = int(kept.sum())
+        if n < start:
+            continue
+        tests += 1
+        if pvalue(bound, float(losses[kept].sum()), n, risk, binary) > delta:
+            break
+        best = t
+    return best, tests
+
+
+@pytest.mark.parametrize("bound", ["clopper-pearson", "hoeffding-bentkus"])
+def test_fixed_sequence_running_pvalues_decide_as_the_plain_tests(bound):
+    g = torch.Generator().manual_seed(1)
+    for trial in range(12):
+        n = 200 + 150 * trial
+        scores = torch.randn(n, generator=g, dtype=torch.float64)
+        scores = scores.round(decimals=1) if trial % 3 == 0 else scores  # ties
+        p_error = torch.sigmoid(2.5 * scores - 2.0)
+        if bound == "clopper-pearson":
+            losses = (torch.rand(n, generator=g, dtype=torch.float64) < p_error).double()
+        else:
+            losses = (torch.rand(n, generator=g, dtype=torch.float64) * 2 * p_error).clamp(0, 1)
+        risk = 0.05 + 0.02 * trial
+        result = risk_threshold(
+            scores, losses, risk=risk, delta=0.1, bound=bound, method="fixed-sequence"
+        )
+        expected = _fixed_sequence_reference(scores, losses, risk, 0.1, bound)
+        assert (result.threshold, result.tests) == expected
 
 
 @pytest.mark.parametrize(("n", "delta"), [(10, 0.1), (100, 0.05), (1000, 0.01)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from selectorch.calibration.bounds import (
     BOUNDS,
+    BinomialCDFPath,
     binomial_cdf,
     clopper_pearson_pvalue,
     hoeffding_bentkus_pvalue,
@@ -16,6 +17,7 @@ from selectorch.calibration.risk import METHODS, RiskThreshold, risk_threshold
 __all__ = [
     "BOUNDS",
     "METHODS",
+    "BinomialCDFPath",
     "RiskThreshold",
     "binomial_cdf",
     "calibrate_thresholds",

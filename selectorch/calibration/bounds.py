@@ -33,6 +33,44 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
 
 
+class BinomialCDFPath:
+    """``P(Binomial(n, p) <= e)`` along a path where ``n`` grows one trial at a time.
+
+    Each :meth:`add` appends one trial and raises ``e`` by 0 or 1, updating the CDF in O(1)
+    with ``F(n + 1, e) = F(n, e) - p f(n, e)`` and ``F(n + 1, e + 1) = F(n + 1, e) +
+    f(n + 1, e + 1)`` (``f`` the pmf, from ``lgamma``), where :func:`binomial_cdf` costs O(e)
+    per call. Rounding can drift by a few ulps over many steps: callers that compare the value
+    with a level recompute it exactly near that level.
+
+    Example:
+        >>> path = BinomialCDFPath(0.5)
+        >>> path.add(0); path.add(1)
+        >>> round(path.cdf, 4), round(binomial_cdf(1, 2, 0.5), 4)
+        (0.75, 0.75)
+    """
+
+    def __init__(self, p: float) -> None:
+        self.log_p, self.log_q = math.log(p), math.log1p(-p)
+        self.p, self.n, self.e, self.cdf = p, 0, 0, 1.0
+
+    def _pmf(self, k: int, n: int) -> float:
+        if k < 0 or k > n:
+            return 0.0
+        return math.exp(
+            math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+            + k * self.log_p + (n - k) * self.log_q
+        )
+
+    def add(self, step: int) -> None:
+        """Append one trial; ``step`` (0 or 1) is how much ``e`` grows."""
+        cdf = self.cdf - self.p * self._pmf(self.e, self.n)
+        self.n += 1
+        if step:
+            self.e += 1
+            cdf += self._pmf(self.e, self.n)
+        self.cdf = min(1.0, max(0.0, cdf))
+
+
 def clopper_pearson_pvalue(errors: int, n: int, target: float) -> float:
     """Exact binomial p-value of ``H0: risk > target`` after ``errors`` in ``n`` 0/1 losses.
 

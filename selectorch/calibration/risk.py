@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from selectorch.calibration.bounds import pvalue, upper_bound
+from selectorch.calibration.bounds import BinomialCDFPath, pvalue, upper_bound
 
 METHODS = ("sgr", "fixed-sequence")
 
@@ -36,14 +37,47 @@ class RiskThreshold:
 
 def _candidates(
     scores: torch.Tensor, losses: torch.Tensor
-) -> tuple[list[float], list[int], list[float]]:
-    """Distinct thresholds (ascending), with the kept count and loss sum at each (ties together)."""
+) -> tuple[list[float], list[int], list[float], list[float]]:
+    """Distinct thresholds (ascending), with the kept count and loss sum at each (ties together),
+    and the running loss sum of every row in score order."""
     order = torch.argsort(scores, stable=True)
     ordered, ordered_losses = scores[order].double(), losses[order].double()
     values, counts = torch.unique_consecutive(ordered, return_counts=True)
     ends = counts.cumsum(0)
-    loss_sums = ordered_losses.cumsum(0)[ends - 1]
-    return values.tolist(), ends.tolist(), loss_sums.tolist()
+    running = ordered_losses.cumsum(0)
+    return values.tolist(), ends.tolist(), running[ends - 1].tolist(), running.tolist()
+
+
+def _fixed_sequence_pvalues(
+    kept: list[int],
+    loss_sums: list[float],
+    running: list[float],
+    *,
+    bound: str,
+    risk: float,
+    binary: bool,
+) -> Iterator[float]:
+    """The p-value of each candidate in order, in O(1) amortised per row (see BinomialCDFPath).
+
+    Clopper-Pearson tests ``P(Bin(n, risk) <= errors)``; Hoeffding-Bentkus's binomial part
+    tests ``ceil(loss sum)`` errors: both counts grow by 0 or 1 per row, so one path serves.
+    """
+    path = BinomialCDFPath(risk)
+    previous = 0
+    for n, total in zip(kept, loss_sums, strict=True):
+        while path.n < n:
+            count = round(running[path.n]) if binary else math.ceil(running[path.n] - 1e-9)
+            path.add(min(1, max(0, count - previous)))
+            previous = count
+        if bound == "clopper-pearson":
+            yield path.cdf
+        else:
+            mean = total / n
+            a = min(mean, risk)
+            h = (a * math.log(a / risk) if a > 0 else 0.0) + (1 - a) * math.log(
+                (1 - a) / (1 - risk)
+            )
+            yield min(math.exp(-n * h), math.e * path.cdf, 1.0)
 
 
 def risk_threshold(
@@ -85,7 +119,7 @@ def risk_threshold(
     """
     binary = bool(((losses == 0) | (losses == 1)).all())
     finite = torch.isfinite(scores)
-    values, kept, loss_sums = _candidates(scores[finite], losses[finite])
+    values, kept, loss_sums, running = _candidates(scores[finite], losses[finite])
     m = len(values)
 
     def certified(j: int, level: float) -> bool:
@@ -104,12 +138,19 @@ def risk_threshold(
             else:
                 hi = mid - 1
     elif m:
+        if bound == "clopper-pearson" and not binary:
+            pvalue(bound, loss_sums[0], kept[0], risk, binary)  # raises: needs 0/1 losses
         start = math.ceil(math.log(delta) / math.log1p(-risk) - 1e-9)
-        for j in range(m):
+        pvalues = _fixed_sequence_pvalues(
+            kept, loss_sums, running, bound=bound, risk=risk, binary=binary
+        )
+        for j, fast in enumerate(pvalues):
             if kept[j] < start:
                 continue
             tests += 1
-            if not certified(j, delta):
+            # the running p-value may be off by rounding: decide exactly near the level
+            passed = fast <= delta if abs(fast - delta) > 1e-9 else certified(j, delta)
+            if not passed:
                 break
             best = j
     if best < 0:

@@ -42,7 +42,6 @@ from selectorch.functional.logits import (
     LOGIT_TASKS,
     energy_score,
     entropy_score,
-    fit_temperature,
     gen_score,
     logit_predictions,
     margin_score,
@@ -50,7 +49,6 @@ from selectorch.functional.logits import (
     mutual_information_score,
     predictive_variance_score,
     softmax_score,
-    temperature_nll,
 )
 from selectorch.functional.outliers import (
     drop_self_matches,
@@ -87,6 +85,7 @@ from selectorch.functional.shaping import (
     vim_origin,
     vim_score,
 )
+from selectorch.functional.temperature import fit_temperature, temperature_nll
 from selectorch.functional.thresholds import (
     coverage_threshold,
     interpolated_quantile,

@@ -16,11 +16,9 @@ from selectorch._checks import (
 )
 from selectorch.functional.logits import (
     LOGIT_TASKS,
-    check_labels,
     check_logits,
     energy_score,
     entropy_score,
-    fit_temperature,
     gen_score,
     margin_score,
     max_logit_score,
@@ -28,6 +26,7 @@ from selectorch.functional.logits import (
     predictive_variance_score,
     softmax_score,
 )
+from selectorch.functional.temperature import check_labels, fit_temperature
 from selectorch.scores.base import Score
 from selectorch.scores.registry import register_score
 

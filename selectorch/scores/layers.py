@@ -98,7 +98,8 @@ class LayerScore(Score):
         logits = check_matrix(f"{name}['logits']", X[LOGITS])
         rows = {key: f.shape[0] for key, f in zip(order, features, strict=True)}
         rows[LOGITS] = logits.shape[0]
-        if len(set(rows.values())) > 1:
+        # compare, never hash: a set of symbolic batch sizes would specialise the compiled graph
+        if any(r != logits.shape[0] for r in rows.values()):
             raise ValueError(f"The inputs of `{name}` disagree on the number of rows: {rows}.")
         if not fitting:
             state = self.dims_

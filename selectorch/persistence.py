@@ -76,6 +76,15 @@ MAX_HEADER_BYTES = 4 * 1024 * 1024
 _PLAIN = (bool, int, float, str, type(None))
 
 
+def _is_plain(value: Any) -> bool:
+    """A JSON-safe hyperparameter: a plain scalar, or a list/tuple of numbers (ODIN's ``std``)."""
+    if isinstance(value, _PLAIN):
+        return True
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    )
+
+
 class PersistenceError(ValueError):
     """A save directory was refused: not a save, truncated or altered, from an incompatible
     version, carrying something other than tensors, or not made for the given model."""
@@ -149,13 +158,13 @@ def _hparams(score: Score) -> dict[str, Any]:
         value = getattr(score, name, inspect.Parameter.empty)
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
-        if value is inspect.Parameter.empty or not isinstance(value, _PLAIN):
+        if value is inspect.Parameter.empty or not _is_plain(value):
             raise PersistenceError(
                 f"Cannot save {type(score).__name__}: its argument `{name}` is not stored on the "
                 f"score as a plain value (got {type(value).__name__}), so it could not be "
                 "rebuilt on load. Save its state_dict() instead."
             )
-        out[name] = value
+        out[name] = list(value) if isinstance(value, tuple) else value
     return out
 
 
@@ -409,7 +418,7 @@ def rebuild_score(
             "selectorch.scores.Score.load to load any score."
         )
     hparams = info.get("hparams")
-    if not isinstance(hparams, dict) or not all(isinstance(v, _PLAIN) for v in hparams.values()):
+    if not isinstance(hparams, dict) or not all(_is_plain(v) for v in hparams.values()):
         raise PersistenceError(f"The header of '{path}' has invalid hyperparameters {hparams!r}.")
     kwargs = dict(hparams)
     has_index = INDEX_FILE in header["files"]

@@ -7,7 +7,7 @@ cache. A cache also says what produced it, so it is checked against the model th
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +104,49 @@ def recorded_inputs(
             f"got keys {keys}. Record it with selectorch.record(..., layers=[...])."
         )
     return _plain(td.get(key)), _plain(td.get("labels", None)), _plain(td.get("logits", None))
+
+
+def recorded_layers(
+    data: TensorDictBase | str | os.PathLike,
+    *,
+    keys: Sequence[str],
+    pool: Pool | Mapping[str, Pool] = "auto",
+    model: nn.Module | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+    """The features of several layers (and the logits) of a recording, for a multi-input score.
+
+    As :func:`recorded_inputs`, for every key at once: a cache must hold each layer pooled as
+    ``pool`` says (one choice, or one per layer) and come from ``model``, checked once.
+
+    Args:
+        data: A TensorDict from :func:`selectorch.record`, or the path of its cache.
+        keys: The layers the score reads, and ``"logits"`` for the model's logits.
+        pool: The pooling the scorer applies, one for all layers or a mapping per layer.
+        model: The model that will score, or ``None`` to skip the model check.
+
+    Returns:
+        ``({key: (N, D_key)}, labels (N,) or None, logits (N, C) or None)``, plain CPU tensors.
+
+    Raises:
+        ValueError: A key is not in the recording, or the cache was made with another layer,
+            pooling or model.
+    """
+    if isinstance(data, TensorDictBase):
+        td, where = data, "the recorded TensorDict"
+    else:
+        root = Path(data)
+        meta = read_meta(root)
+        if meta is None:
+            raise FileNotFoundError(f"No selectorch cache at {root} ({META_FILE} is missing).")
+        for i, key in enumerate(keys):
+            layer_pool = pool.get(key, "auto") if isinstance(pool, Mapping) else pool
+            _check_cache_source(root, meta, key, layer_pool, model if i == 0 else None)
+        td, where = load_cache(root), f"the cache at {root}"
+    missing = [key for key in keys if key not in td.keys()]
+    if missing:
+        raise ValueError(
+            f"Expected {where} to hold {missing} (the layers the score reads, and 'logits'), "
+            f"got keys {list(td.keys())}. Record them with selectorch.record(..., layers=[...])."
+        )
+    features = {key: _plain(td.get(key)) for key in keys}
+    return features, _plain(td.get("labels", None)), _plain(td.get("logits", None))

@@ -2,35 +2,40 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from selectorch._checks import check_int
 from selectorch.calibration import check_target
-from selectorch.data import iter_batches, module_device, to_device
-from selectorch.distributed.collectives import (
-    gather_dataset,
-    is_distributed,
-    replicated_inputs,
-    sampler_indices,
+from selectorch.collect import (
+    class_predictions,
+    collect,
+    finite_only,
+    gather_ranks,
+    logits_from_output,
+    score_keys,
 )
+from selectorch.collect import eval_mode as _eval_mode
+from selectorch.data import module_device, to_device
+from selectorch.distributed.collectives import replicated_inputs
 from selectorch.functional.finite import finite_rows
-from selectorch.functional.logits import logit_predictions
-from selectorch.memory import check_stacking
-from selectorch.nonfinite import drop_nonfinite as _drop_nonfinite
-from selectorch.progress import progress_bar
-from selectorch.recorded import is_recorded, recorded_inputs
+from selectorch.gradients import gradient_run
 from selectorch.recorder.hooks import LayerHooks
 from selectorch.recorder.layers import check_not_compiled, get_layer
 from selectorch.recorder.pooling import Pool
 from selectorch.scores.base import Score
-from selectorch.scores.logits import LogitScore
+
+__all__ = [
+    "SelectiveModel",
+    "SelectiveOutput",
+    "class_predictions",
+    "effective_pool",
+    "logits_from_output",
+    "score_keys",
+]
 
 _FEATURES = "features"
 
@@ -49,22 +54,6 @@ class SelectiveOutput(NamedTuple):
     selected: torch.Tensor
 
 
-def logits_from_output(output: Any) -> torch.Tensor | None:
-    """The logits in a model's output: a tensor, a ``logits`` key or attribute, a tuple's first."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping):
-        if "logits" in output:
-            return output["logits"]
-        return None
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    return None
-
-
 def _finite_rows(tensors: Iterable[Any], batch: int, device: torch.device) -> torch.Tensor:
     """``(B,)`` bool: rows where every floating tensor with leading dim ``batch`` is finite."""
     ok = torch.ones(batch, dtype=torch.bool, device=device)
@@ -74,13 +63,35 @@ def _finite_rows(tensors: Iterable[Any], batch: int, device: torch.device) -> to
     return ok
 
 
+def effective_pool(score: Score, pool: Pool | Mapping[str, Pool]) -> Pool | Mapping[str, Pool]:
+    """The pooling the hooks apply: ``score.pool`` when ``pool="auto"`` and the score has one."""
+    preferred = getattr(score, "pool", None)
+    if isinstance(pool, str) and pool == "auto" and preferred is not None:
+        return preferred
+    return pool
+
+
 def _layer_map(score: Score, layer: str | Sequence[str] | None) -> dict[str, str]:
     """Which layers to hook, and under which key the score finds each one."""
     if score.input == "multi":
         names = [layer] if isinstance(layer, str) else list(layer or [])
         if not all(isinstance(name, str) for name in names):
             raise TypeError(f"Expected argument `layer` to hold layer names, got {layer!r}.")
-        unknown = [key for key in score.keys if key not in names and key != "logits"]
+        if "logits" in names:
+            raise ValueError(
+                "Argument `layer` names 'logits', the key of the model's output: name only the "
+                "hooked layers; the logits are read from the model's output."
+            )
+        keys = score_keys(score)
+        if keys is None:
+            if not names:
+                raise ValueError(
+                    f"{type(score).__name__} reads several layers: pass layer=[...] naming them "
+                    "(see selectorch.list_layers(model)); the logits come from the model's "
+                    "output."
+                )
+            return {name: name for name in names}
+        unknown = [key for key in keys if key not in names and key != "logits"]
         if unknown:
             raise ValueError(
                 f"{type(score).__name__} reads the keys {unknown}, which are neither recorded "
@@ -101,121 +112,33 @@ def _layer_map(score: Score, layer: str | Sequence[str] | None) -> dict[str, str
     return {} if layer is None else {layer: _FEATURES}
 
 
-def class_predictions(
-    logits: torch.Tensor | None, batch: int, score: Score
-) -> tuple[torch.Tensor | None, int | None]:
-    """``(B,)`` predicted classes and the number of classes, or ``(None, None)`` if unknown.
-
-    A logit score predicts as its ``task`` says (a single binary log-odds: ``z > 0``; ensembles:
-    the members' mean); otherwise ``(B, C)`` logits give their ``argmax``. Multilabel outputs
-    have no single predicted class.
-    """
-    if logits is None or logits.ndim == 0 or logits.shape[0] != batch:
-        return None, None
-    task = getattr(score, "task", "multiclass")
-    if isinstance(score, LogitScore):
-        if task == "multilabel":
-            return None, None
-        preds = logit_predictions(logits, task=task, ensemble=score.ensemble)
-        return preds, 2 if task == "binary" else logits.shape[1]
-    if logits.ndim != 2:
-        return None, None
-    return logits.argmax(dim=1), logits.shape[1]
-
-
-def _concat(parts: list[Any]) -> Any:
-    """Concatenate batches of tensors, or of dicts of tensors (key by key)."""
-    if isinstance(parts[0], dict):
-        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
-    return torch.cat(parts)
-
-
-@dataclass
-class _Collected:
-    """What one pass over a dataset recorded (lists while collecting, tensors once stacked)."""
-
-    features: Any
-    labels: Any
-    preds: Any
-    num_classes: int | None = None
-    logits: Any = None
-
-    def stacked(self) -> _Collected:
-        return _Collected(
-            _concat(self.features),
-            torch.cat(self.labels) if self.labels else None,
-            torch.cat(self.preds) if self.preds else None,
-            self.num_classes,
-            torch.cat(self.logits) if self.logits else None,
-        )
-
-
-def _gather_ranks(run: _Collected, data: Any) -> _Collected:
-    """Under ``torch.distributed``, every rank's recorded rows, the same on every rank.
-
-    A ``DistributedSampler``'s rows are put back in dataset order and its padding removed, so
-    the result is what one process reading the whole dataset in order records (see
-    :func:`selectorch.distributed.gather_dataset`).
-    """
-    if not is_distributed():
-        return run
-    features, labels, preds, logits = gather_dataset(
-        run.features,
-        run.labels,
-        run.preds,
-        run.logits,
-        indices=sampler_indices(data),
-        warn_replicated=not is_recorded(data),
-    )
-    return _Collected(features, labels, preds, run.num_classes, logits)
-
-
-def _finite_only(run: _Collected, name: str) -> _Collected:
-    """The samples of ``run`` whose features (and logits) are finite; a warning counts the rest."""
-    rows = {"features": run.features, "logits": run.logits}
-    kept, labels, preds = _drop_nonfinite(rows, run.labels, run.preds, name=name, stacklevel=4)
-    return _Collected(kept["features"], labels, preds, run.num_classes, kept["logits"])
-
-
-def _batch_count(data: Any, batch_size: int) -> int | None:
-    """Number of batches for the progress bar; ``None`` for streams without a length."""
-    if isinstance(data, torch.Tensor):
-        return -(-data.shape[0] // batch_size)
-    try:
-        return len(data)
-    except TypeError:  # IterableDataset loaders, generators
-        return None
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode (BatchNorm statistics untouched), then restore every flag."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
 class SelectiveModel(nn.Module):
     """Wrap any model for selective prediction, without changing it.
 
     One forward pass returns the model's output, a per-sample uncertainty and whether the
     prediction is kept. Embedding scores (kNN, ...) read a hooked ``layer``; logit scores read
     the model's output (or ``layer`` when given). Hooks are registered once, here, so
-    ``torch.compile(sel, fullgraph=True)`` gives one graph.
+    ``torch.compile(sel, fullgraph=True)`` gives one graph (for every score whose
+    ``compile_clean`` is true).
+
+    A score with ``requires_grad`` (ODIN) costs two passes: the model runs on its first
+    positional input with gradients on, even inside ``torch.no_grad()``, the score moves that
+    input, and the model runs again on it; the returned output is the first pass's and the
+    parameters get no ``.grad`` (see :mod:`selectorch.gradients`). Such a score raises under
+    ``torch.inference_mode()``, for integer inputs and for recordings.
 
     Args:
         model: Any ``nn.Module``, not yet compiled.
         score: A :class:`~selectorch.scores.Score`.
         layer: Name of the layer whose output is scored (see :func:`selectorch.list_layers`);
-            required for embedding scores. A list of names feeds a
-            :class:`~selectorch.scores.FusionScore`, whose keys are those names (and
-            ``"logits"`` for the model's output).
+            required for embedding scores. A list of names feeds a multi-layer score: a
+            :class:`~selectorch.scores.layers.LayerScore` (DkNN, Gram) reads every listed layer
+            and the model's logits, a :class:`~selectorch.scores.FusionScore` the keys it
+            names (``"logits"`` is always the model's output).
         pool: How the layer's output becomes ``(B, D)``; see
-            :func:`selectorch.recorder.pool_features`.
+            :func:`selectorch.recorder.pool_features`. With ``"auto"``, a score that prefers
+            a pooling (``score.pool``, e.g. Gram features) gets it for every hooked layer
+            (:attr:`layer_pool` says which applies).
         head: Name of the classifier's final linear layer, for scores that re-apply the head to
             the recorded features (ViM, ReAct, ASH); its weight and bias are copied into the
             score at init and again at every ``fit`` and ``calibrate``.
@@ -252,7 +175,8 @@ class SelectiveModel(nn.Module):
             )
         check_not_compiled(model)
         layers = _layer_map(score, layer)
-        hooks = LayerHooks(model, layers, pool) if layers else None
+        layer_pool = effective_pool(score, pool)
+        hooks = LayerHooks(model, layers, layer_pool) if layers else None
         self.model = model
         self.score = score.to(module_device(model))
         self.layer = layer
@@ -260,7 +184,9 @@ class SelectiveModel(nn.Module):
         self._sync_head()
         # not a submodule: its hooks live on `model`
         object.__setattr__(self, "_hooks", hooks)
-        object.__setattr__(self, "_pool", pool)  # to check recordings passed to fit/calibrate
+        object.__setattr__(self, "_pool", pool)  # as given (saved with the score)
+        # as applied by the hooks, to check recordings passed to fit/calibrate
+        object.__setattr__(self, "_layer_pool", layer_pool)
         if hooks is not None:
             hooks.tie_to(self)  # a wrapper that is garbage-collected leaves no hook behind
 
@@ -301,8 +227,30 @@ class SelectiveModel(nn.Module):
         """The current threshold as a float; raises ``NotFittedError`` before calibration."""
         return self.score.get_threshold()
 
+    @property
+    def layer_pool(self) -> Pool | Mapping[str, Pool]:
+        """The pooling the hooks apply: ``pool``, or the score's own when ``pool="auto"``."""
+        return self._layer_pool
+
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
-        """Run the model once; return its output and what the score reads (a dict for fusion)."""
+        """Run the model; return its output and what the score reads (a dict for multi-input).
+
+        A ``requires_grad`` score gets two passes (see :mod:`selectorch.gradients`): the
+        output is the first pass's, what the score reads comes from the second.
+        """
+        if self.score.requires_grad:
+            return gradient_run(
+                self.model,
+                self.score,
+                args,
+                kwargs,
+                logits_of=logits_from_output,
+                second_pass=self._pass,
+            )
+        return self._pass(args, kwargs)
+
+    def _pass(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        """Run the model once; return its output and what the score reads."""
         hooks = self._hooks
         records: dict[str, torch.Tensor] = {}
         if hooks is not None:
@@ -314,7 +262,8 @@ class SelectiveModel(nn.Module):
         multi = self.score.input == "multi"
         if not multi and hooks is not None:
             return output, records[_FEATURES]
-        if multi and "logits" not in self.score.keys:
+        keys = score_keys(self.score) if multi else None
+        if keys is not None and "logits" not in keys:
             return output, records
         logits = logits_from_output(output)
         if logits is None:
@@ -381,78 +330,16 @@ class SelectiveModel(nn.Module):
             **kwargs: Keyword inputs of the model.
 
         Raises:
-            ValueError: The recorded layer's width differs from the fitted state's.
+            ValueError: The recorded layer's width (or, for a multi-layer score, a layer's
+                width or the set of layers) differs from the fitted state's.
         """
         device = module_device(self.model)
         args, kwargs = to_device(args, device), to_device(kwargs, device)
         with torch.no_grad(), _eval_mode(self.model):
             _, features = self._run(args, kwargs)
         self._check_width(features)
-
-    def _collect_recorded(self, data: Any, y: torch.Tensor | None, desc: str) -> _Collected:
-        """Score inputs, labels and predictions of a recording; the model does not run."""
-        if y is not None:
-            raise ValueError(
-                f"Argument `y` is not used when {desc} gets a recording: its labels come from it."
-            )
-        if self.score.input == "multi":
-            raise ValueError(
-                "A FusionScore is fitted and calibrated from loaders or tensors, not recordings."
-            )
-        key = self.layer if self.layer is not None else "logits"
-        feats, labels, logits = recorded_inputs(data, key=key, pool=self._pool, model=self.model)
-        device = module_device(self.model)
-        preds, num_classes = class_predictions(logits, feats.shape[0], self.score)
-        return _Collected(
-            feats.to(device),
-            None if labels is None else labels.to(device),
-            None if preds is None else preds.to(device),
-            num_classes,
-        )
-
-    @torch.no_grad()
-    def _collect(
-        self, data: Any, y: torch.Tensor | None, batch_size: int, progress: bool, desc: str
-    ) -> _Collected:
-        """Run the model over ``data``; stack the score inputs, labels and predictions."""
-        if is_recorded(data):  # a TensorDict from selectorch.record, or its cache directory
-            return self._collect_recorded(data, y, desc)
-        check_int("batch_size", batch_size)
-        device = module_device(self.model)
-        parts = _Collected([], [], [], logits=[])
-        keep_logits = getattr(self.score, "needs_losses", False)  # DEUP fits on the model loss
-        total = _batch_count(data, batch_size)
-        batches = iter_batches(data, y, batch_size=batch_size)
-        with _eval_mode(self.model):
-            for batch in progress_bar(batches, desc=desc, total=total, enabled=progress):
-                args, kwargs = to_device(batch.args, device), to_device(batch.kwargs, device)
-                output, feats = self._run(args, kwargs)
-                parts.features.append(feats)
-                if len(parts.features) == 1:  # refuse now a bank that will not fit
-                    check_stacking(parts.features, total, f"Recording features for {desc}")
-                first = next(iter(feats.values())) if isinstance(feats, dict) else feats
-                if batch.labels is not None:
-                    parts.labels.append(batch.labels.to(first.device))
-                logits = logits_from_output(output)
-                preds, num_classes = class_predictions(logits, first.shape[0], self.score)
-                if preds is not None:
-                    parts.preds.append(preds.to(first.device))
-                    parts.num_classes = num_classes
-                if keep_logits and logits is not None:
-                    parts.logits.append(logits.to(first.device))
-        if not parts.features:
-            raise ValueError(
-                f"Expected argument `data` to yield at least one batch for {desc}, got none."
-            )
-        for name in ("labels", "preds"):
-            got = len(getattr(parts, name))
-            if got and got != len(parts.features):
-                raise ValueError(
-                    f"Only {got} of {len(parts.features)} batches carried {name}; every batch "
-                    "must, or none."
-                )
-        check_stacking(parts.features, None, f"Recording features for {desc}")
-        return parts.stacked()
+        if isinstance(features, dict) and self.score.is_fitted:
+            self.score._inputs(features)  # a multi-input score checks every layer's width
 
     def fit(
         self,
@@ -492,9 +379,9 @@ class SelectiveModel(nn.Module):
                 (checked after the first batch when the data has a length).
         """
         self._sync_head()
-        run = _gather_ranks(self._collect(data, y, batch_size, progress, "fit"), data)
+        run = gather_ranks(collect(self, data, y, batch_size, progress, "fit"), data)
         if drop_nonfinite:
-            run = _finite_only(run, "fit data")
+            run = finite_only(run, "fit data")
         labels = run.labels
         if getattr(self.score, "needs_losses", False):  # DEUP learns the model's own loss
             if run.labels is None or run.logits is None:
@@ -560,9 +447,9 @@ class SelectiveModel(nn.Module):
         check_target(coverage, risk, delta, bound, method)
         self.score._check_fitted()
         self._sync_head()
-        run = _gather_ranks(self._collect(data, y, batch_size, progress, "calibrate"), data)
+        run = gather_ranks(collect(self, data, y, batch_size, progress, "calibrate"), data)
         if drop_nonfinite:
-            run = _finite_only(run, "calibration data")
+            run = finite_only(run, "calibration data")
         needs_preds = per_class or risk is not None
         if needs_preds and run.preds is None:
             raise ValueError(

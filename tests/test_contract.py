@@ -16,7 +16,17 @@ import math
 
 import pytest
 import torch
-from test_scores import CASES, MEMBERS, D, build, fitted, make_inputs, make_labels
+from test_scores import (
+    CASES,
+    MEMBERS,
+    D,
+    apply,
+    build,
+    fitted,
+    make_inputs,
+    make_labels,
+    poisoned,
+)
 from torch import nn
 from torch._dynamo.testing import CompileCounter
 
@@ -52,7 +62,7 @@ def test_contract_half_moves_all_state_and_scores_close_to_float32(name, kwargs)
     assert score.half() is score
     floating = {k: b.dtype for k, b in score.named_buffers() if b.is_floating_point()}
     assert set(floating.values()) == {torch.float16}, floating
-    after = score(Q.half())
+    after = score(apply(Q, torch.Tensor.half))
     assert after.shape == (25,) and after.is_floating_point()
     assert torch.isfinite(after).all(), after
     if name in HALF_VALUES_DIFFER:
@@ -63,7 +73,7 @@ def test_contract_half_moves_all_state_and_scores_close_to_float32(name, kwargs)
     torch.testing.assert_close(after.float(), before, rtol=2e-2, atol=2e-2 * scale)
     # the threshold moved too, and selection follows the float16 scores and threshold
     assert score.threshold_.dtype == torch.float16
-    out = score.select(Q.half())
+    out = score.select(apply(Q, torch.Tensor.half))
     assert torch.equal(out["selected"], out["score"] <= score.threshold_.to(out["score"].dtype))
 
 
@@ -90,10 +100,10 @@ def test_contract_cuda_moves_all_state_and_matches_cpu(name, kwargs):
     assert score.cuda() is score
     devices = {k: b.device.type for k, b in score.named_buffers()}
     assert set(devices.values()) == {"cuda"}, devices
-    after = score(Q.cuda())
+    after = score(apply(Q, torch.Tensor.cuda))
     assert after.is_cuda
     torch.testing.assert_close(after.cpu(), before, rtol=1e-4, atol=1e-4)
-    assert torch.equal(score.select(Q.cuda())["selected"].cpu(), selected)
+    assert torch.equal(score.select(apply(Q, torch.Tensor.cuda))["selected"].cpu(), selected)
 
 
 @pytest.mark.parametrize(("name", "kwargs"), CASES)
@@ -115,8 +125,7 @@ def test_contract_compiled_with_dynamic_batch_equals_eager_for_every_batch_size(
     compiled = torch.compile(score, backend=counter, fullgraph=True, dynamic=True)
     # sizes that equal no other dimension of the input (D, MEMBERS), so none is specialised
     for n in (5, 17, 64):
-        Q = make_inputs(score, n, seed=n)
-        Q[1] = float("nan")
+        Q = poisoned(make_inputs(score, n, seed=n), 1, float("nan"))
         out = compiled(Q)
         torch.testing.assert_close(out, score(Q), rtol=1e-5, atol=1e-5)
         assert out[1] == math.inf
@@ -149,6 +158,39 @@ class Net(nn.Module):
         return logits
 
 
+class TwoLayerNet(nn.Module):
+    """For multi-layer scores: two hooked conv layers (``conv.a``, ``conv.b``, channels-first
+    ``(B, 4, D)`` outputs) and a head; same NaN-logits rule and ``offset`` input as Net."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.ModuleDict(
+            {"a": nn.Conv1d(1, 4, 3, padding=1), "b": nn.Conv1d(4, 4, 3, padding=1)}
+        )
+        self.head = nn.Linear(4 * D, C)
+
+    def forward(self, x, offset=None):
+        h = x if offset is None else x + offset
+        h = torch.relu(self.conv["b"](torch.relu(self.conv["a"](h[:, None]))))
+        logits = self.head(h.flatten(1))
+        return torch.where(x[:, :1] == 0, torch.full_like(logits, math.nan), logits)
+
+
+TWO_LAYERS = ["conv.a", "conv.b"]
+
+
+def attach(score) -> st.SelectiveModel:
+    """SelectiveModel(Net or TwoLayerNet, score): embedding scores read ``body``, multi-layer
+    scores ``conv.a`` and ``conv.b``; head scores get ``head``."""
+    torch.manual_seed(0)
+    if score.input == "multi":
+        return st.SelectiveModel(TwoLayerNet().eval(), score, layer=TWO_LAYERS)
+    net = Net(ensemble=getattr(score, "ensemble", False)).eval()
+    layer = "body" if score.input == "embedding" else None
+    head = "head" if getattr(score, "needs_head", False) else None
+    return st.SelectiveModel(net, score, layer=layer, head=head)
+
+
 _FITTED: dict[str, st.SelectiveModel] = {}
 
 
@@ -162,13 +204,8 @@ def selective(name: str, kwargs: dict) -> st.SelectiveModel:
 
 
 def _fit_selective(name: str, kwargs: dict) -> st.SelectiveModel:
-    """SelectiveModel(Net, score): embedding scores read ``body``; head scores get ``head``."""
-    score = build(name, kwargs)
-    torch.manual_seed(0)
-    net = Net(ensemble=getattr(score, "ensemble", False)).eval()
-    layer = "body" if score.input == "embedding" else None
-    head = "head" if getattr(score, "needs_head", False) else None
-    sel = st.SelectiveModel(net, score, layer=layer, head=head)
+    """A fitted, calibrated :func:`attach` of the score."""
+    sel = attach(build(name, kwargs))
     X = inputs(200, seed=1)
     sel.fit(X, make_labels(X), progress=False)
     sel.calibrate(inputs(80, seed=2), coverage=0.9, progress=False)
@@ -179,13 +216,20 @@ def inputs(n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, D, generator=torch.Generator().manual_seed(seed)) + 0.5
 
 
-def read(sel: st.SelectiveModel, x: torch.Tensor) -> torch.Tensor:
-    """What the score reads for ``x``: the hooked layer's output or the model's logits."""
+def read(sel: st.SelectiveModel, x: torch.Tensor):
+    """What the score reads for ``x``: the hooked layer's output, the model's logits, both
+    layers and the logits for a multi-layer score, or the logits of the perturbed input for a
+    score that needs input gradients."""
+    if sel.score.requires_grad:
+        return sel.score.perturbed_logits(sel.model, x)
     with torch.no_grad():
         if sel.layer is None:
             return sel.model(x)
-        with st.Recorder(sel.model, sel.layer) as rec:
-            return rec(x)[1][sel.layer]
+        with st.Recorder(sel.model, sel.layer, pool=sel.layer_pool) as rec:
+            logits, features = rec(x)
+        if isinstance(sel.layer, str):
+            return features[sel.layer]
+        return {**features, "logits": logits}
 
 
 @pytest.mark.parametrize(("name", "kwargs"), CASES)
@@ -212,6 +256,8 @@ def test_selective_contract_output_score_and_selection_match_the_parts(name, kwa
 @pytest.mark.parametrize(("name", "kwargs"), CASES)
 def test_selective_contract_compiled_fullgraph_is_one_graph_equal_to_eager(name, kwargs):
     sel = selective(name, kwargs)
+    if not sel.score.compile_clean:  # declared: ODIN's input gradients, PyOD's numpy
+        pytest.skip(f"{type(sel.score).__name__} declares compile_clean=False")
     counter = CompileCounter()
     compiled = torch.compile(sel, backend=counter, fullgraph=True)
     with torch.no_grad():
@@ -275,6 +321,8 @@ def test_selective_contract_state_dict_loads_into_an_unfitted_twin(name, kwargs)
     sel = selective(name, kwargs)
     twin_score = build(name, kwargs)
     twin = st.SelectiveModel(sel.model, twin_score, layer=sel.layer, head=sel.head)
+    if sel.score.input == "multi":  # the layers' names are saved with the state
+        assert sel.state_dict()["score._extra_state"]["layers"] == TWO_LAYERS
     twin.load_state_dict(sel.state_dict())
     x = inputs(10, seed=11)
     with torch.no_grad():
@@ -286,10 +334,7 @@ def test_selective_contract_state_dict_loads_into_an_unfitted_twin(name, kwargs)
 @pytest.mark.parametrize(("name", "kwargs"), CASES)
 def test_selective_contract_unfitted_use_raises_not_fitted(name, kwargs):
     score = build(name, kwargs)
-    net = Net(ensemble=getattr(score, "ensemble", False)).eval()
-    layer = "body" if score.input == "embedding" else None
-    head = "head" if getattr(score, "needs_head", False) else None
-    sel = st.SelectiveModel(net, score, layer=layer, head=head)
+    sel = attach(score)
     missing = "fit" if score.fitted_buffers and not score.is_fitted else "calibrate"
     with pytest.raises(st.NotFittedError, match=rf"Call {missing}\("):
         sel(inputs(2, seed=0))

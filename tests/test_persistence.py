@@ -167,7 +167,7 @@ def test_altered_tensor_file_is_refused_by_the_checksum(saved):
             lambda h: h["score"].update({"class": "os.system"}),
             r"'os.system' that is not registered",
         ),
-        (lambda h: h["score"]["hparams"].update(k=[1]), r"invalid hyperparameters"),
+        (lambda h: h["score"]["hparams"].update(k={"a": 1}), r"invalid hyperparameters"),
         (lambda h: h["score"]["hparams"].update(k=0), r"Cannot rebuild KNNScore.*`k`"),
         (lambda h: h["score"]["hparams"].update(nope=1), r"Cannot rebuild KNNScore.*nope"),
         (
@@ -244,7 +244,7 @@ def test_unregistered_scores_and_unsaveable_hyperparameters_are_refused_at_save(
     with pytest.raises(PersistenceError, match=r"only registered scores"):
         fusion.save(tmp_path / "f")
     odd = KNNScore()
-    odd.k = [1, 2]  # not a plain value
+    odd.k = {"a": 1}  # not a plain value
     with pytest.raises(PersistenceError, match=r"argument `k` is not stored.*plain value"):
         odd.save(tmp_path / "k")
     assert not (tmp_path / "f").exists() and not (tmp_path / "k").exists()

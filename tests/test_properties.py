@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
-from test_scores import ALL_SCORES, build, fitted, make_inputs, make_labels
+from test_scores import ALL_SCORES, apply, build, fitted, make_inputs, make_labels, n_rows, take
 
 import selectorch as st
 from selectorch.scores import KNNScore
@@ -45,17 +45,23 @@ def queries(draw, name: str):
     score = fitted_once(name)
     n = draw(hs.integers(0, 9))
     X = make_inputs(score, n, seed=draw(hs.integers(0, 2**16)))
-    X = X * draw(hs.sampled_from(MAGNITUDES))
+    magnitude = draw(hs.sampled_from(MAGNITUDES))
+    X = apply(X, lambda t: t * magnitude)
+    parts = list(X.values()) if isinstance(X, dict) else [X]  # a dict: every layer, the logits
     if n and draw(hs.booleans()):  # duplicate rows
-        X[n // 2] = X[0]
-    flat = X.reshape(n, X[0].numel() if n else 0)
+        for t in parts:
+            t[n // 2] = t[0]
     for _ in range(draw(hs.integers(0, 3)) if n else 0):
+        flat = parts[draw(hs.integers(0, len(parts) - 1))].reshape(n, -1)
         row, col = draw(hs.integers(0, n - 1)), draw(hs.integers(0, flat.shape[1] - 1))
         flat[row, col] = draw(hs.sampled_from([math.nan, math.inf, -math.inf]))
-    return X.to(draw(hs.sampled_from(DTYPES)))
+    dtype = draw(hs.sampled_from(DTYPES))
+    return apply(X, lambda t: t.to(dtype))
 
 
-def nonfinite_rows(X: torch.Tensor) -> torch.Tensor:
+def nonfinite_rows(X) -> torch.Tensor:
+    if isinstance(X, dict):
+        return torch.stack([nonfinite_rows(t) for t in X.values()]).any(dim=0)
     return ~torch.isfinite(X.flatten(1)).all(dim=1)
 
 
@@ -68,7 +74,7 @@ def test_property_scores_are_finite_or_plus_inf_and_bad_rows_are_rejected(name):
     def check(X):
         out = score.select(X)
         s, kept = out["score"], out["selected"]
-        assert s.shape == (X.shape[0],) and kept.shape == (X.shape[0],)
+        assert s.shape == (n_rows(X),) and kept.shape == (n_rows(X),)
         assert not torch.isnan(s).any(), s
         assert not (s == -math.inf).any(), s  # -inf would be "most certain": never produced
         bad = nonfinite_rows(X)
@@ -78,7 +84,7 @@ def test_property_scores_are_finite_or_plus_inf_and_bad_rows_are_rejected(name):
         # the rows without NaN/Inf score as they do in a batch of their own
         good = (~bad).nonzero().flatten()
         if good.numel():
-            torch.testing.assert_close(score(X[good]), s[good], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(score(take(X, good)), s[good], rtol=1e-5, atol=1e-5)
 
     check()
 
@@ -170,13 +176,14 @@ def test_property_fit_data_with_nan_rows_is_refused_with_the_count(name):
         score = build(name)
         X = make_inputs(score, 30, seed=0)
         y = make_labels(X)
-        X.reshape(30, -1)[sorted(bad), 0] = value
+        first = next(iter(X.values())) if isinstance(X, dict) else X  # a dict: one layer only
+        first.reshape(30, -1)[sorted(bad), 0] = value
         with pytest.raises(ValueError, match=rf"{len(bad)} of 30 rows with NaN or Inf"):
             score.fit(X, y)
         # the explicit alternative drops exactly those rows, with their labels, and says so
         with pytest.warns(st.NonFiniteRowsWarning, match=rf"Dropped {len(bad)} of 30 rows"):
             X_kept, y_kept = st.drop_nonfinite(X, y)
-        assert X_kept.shape[0] == y_kept.shape[0] == 30 - len(bad)
+        assert n_rows(X_kept) == y_kept.shape[0] == 30 - len(bad)
 
     check()
 

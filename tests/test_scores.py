@@ -47,20 +47,62 @@ UNFITTED_CASES = [case for case in CASES if case.values[0] in UNFITTED_SCORES]
 MEMBERS = 3  # ensemble members, for scores that take (N, C, M) logits
 
 
-def make_inputs(score, n: int, seed: int) -> torch.Tensor:
-    """Rows of what ``score`` consumes: ``(n, D)`` embeddings or logits, or ``(n, D, MEMBERS)``
-    logits of an ensemble."""
+# multi-layer scores (LayerScore) read two layers of other widths and the logits
+LAYER_WIDTHS = {"block.a": D, "block.b": D + 4}
+
+
+def make_inputs(score, n: int, seed: int):
+    """Rows of what ``score`` consumes: ``(n, D)`` embeddings or logits, ``(n, D, MEMBERS)``
+    logits of an ensemble, or for multi-layer scores a dict ``{"block.a": (n, D), "block.b":
+    (n, D + 4), "logits": (n, D)}``."""
     g = torch.Generator().manual_seed(seed)
+    if score.input == "multi":
+        X = {name: torch.randn(n, width, generator=g) for name, width in LAYER_WIDTHS.items()}
+        return {**X, "logits": torch.randn(n, D, generator=g) * 3.0}
     shape = (n, D, MEMBERS) if getattr(score, "ensemble", False) else (n, D)
     X = torch.randn(*shape, generator=g)
     return X * 3.0 if score.input == "logits" else X
 
 
-def make_labels(X: torch.Tensor) -> torch.Tensor:
+def make_labels(X) -> torch.Tensor:
     """``(n,)`` labels for scores fitted on classes (others ignore them): 3 classes, by which of
-    the first three features is largest, so that the classes differ as a classifier's would."""
+    the first three features is largest, so that the classes differ as a classifier's would
+    (for a dict of layers: of the first three logits)."""
+    X = X["logits"] if isinstance(X, dict) else X
     X = X.mean(dim=-1) if X.ndim == 3 else X  # ensembles: the members' mean
     return X[:, :3].argmax(dim=1)
+
+
+# Rows of either kind of input, a tensor or a dict of tensors with the same rows:
+
+
+def n_rows(X) -> int:
+    return next(iter(X.values())).shape[0] if isinstance(X, dict) else X.shape[0]
+
+
+def apply(X, fn):
+    """``fn`` applied to the tensor, or to every tensor of the dict."""
+    return {key: fn(value) for key, value in X.items()} if isinstance(X, dict) else fn(X)
+
+
+def take(X, rows):
+    """The rows ``rows`` (an index, a slice or an index list) of ``X``."""
+    return apply(X, lambda t: t[rows])
+
+
+def cat(parts):
+    if isinstance(parts[0], dict):
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    return torch.cat(parts)
+
+
+def poisoned(X, row: int, value: float, col: int = 0, part: int = 0):
+    """A copy of ``X`` with ``value`` at ``[row, col]``: in the ``part``-th tensor of a dict
+    (counted cyclically, so parts 0, 1, 2 hit both layers and the logits)."""
+    X = apply(X, torch.clone)
+    t = list(X.values())[part % len(X)] if isinstance(X, dict) else X
+    t[row, col] = value
+    return X
 
 
 # Scores that need more than their hyperparameters before fit (a classifier head, ...):
@@ -81,11 +123,18 @@ SETUP["react"] = set_test_head
 SETUP["ash"] = set_test_head
 # DEUP turns integer labels into per-sample losses with a head (float y would be losses)
 SETUP["deup"] = set_test_head  # selectorch/scores/deup.py
+SETUP["gradnorm"] = set_test_head  # selectorch/scores/gradnorm.py
+SETUP["she"] = set_test_head  # selectorch/scores/she.py
 
 # Scores that keep rows by their predicted loss, not by how typical they are: an in-distribution
 # row near a class tie is rightly rejected, so the direction test asks them to reject far
 # outliers but not to keep every inlier.
 LOSS_PREDICTORS = {"deup"}
+
+# Scores proportional to the feature norm (GradNorm = ||p - 1/C||_1 ||h||_1 / T): on post-ReLU
+# features unfamiliar inputs activate fewer units, so their outliers are weakly activated rows
+# (the contract's default outliers, every feature -25, have a large norm and look familiar).
+WEAK_ACTIVATION_OUTLIERS = {"gradnorm"}
 
 
 def build(name: str, kwargs: dict | None = None):
@@ -116,6 +165,37 @@ def test_registry_holds_the_expected_scores():
         assert isinstance(score, st.scores.Score)
 
 
+def test_every_registered_score_declares_its_runtime_attributes():
+    rows = {row["name"]: row for row in list_scores(details=True)}
+    assert list(rows) == ALL_SCORES
+    for name in ALL_SCORES:
+        cls = st.scores.get_score_class(name)
+        assert type(cls.requires_grad) is bool, name
+        assert type(cls.passes) is int and cls.passes >= 1, name
+        assert type(cls.compile_clean) is bool, name
+        assert cls.input in ("embedding", "logits", "multi"), name
+        if cls.requires_grad:  # a second pass reads the perturbed input
+            assert cls.passes >= 2 and callable(getattr(cls, "perturb", None)), name
+        row = rows[name]
+        assert row["class"] == cls.__name__ and row["input"] == cls.input
+        assert (row["requires_grad"], row["passes"], row["compile_clean"]) == (
+            cls.requires_grad,
+            cls.passes,
+            cls.compile_clean,
+        )
+        assert row["needs_fit"] == bool(cls.fitted_buffers)
+    assert rows["knn"]["requires_grad"] is False and rows["knn"]["compile_clean"] is True
+    assert (rows["odin"]["requires_grad"], rows["odin"]["passes"]) == (True, 2)
+    assert rows["odin"]["compile_clean"] is False and rows["vim"]["needs_head"] is True
+
+
+def test_fusion_score_derives_its_attributes_from_its_components():
+    fusion = st.scores.FusionScore({"a": KNNScore(), "logits": EnergyScore()})
+    assert (fusion.requires_grad, fusion.passes, fusion.compile_clean) == (False, 1, True)
+    with pytest.raises(TypeError, match=r"got ODINScore for key 'logits', which needs input grad"):
+        st.scores.FusionScore({"a": KNNScore(), "logits": create_score("odin")})
+
+
 # ============================== contract suite (every registered score) ========================
 
 
@@ -125,12 +205,12 @@ def test_contract_unfitted_use_raises_not_fitted_naming_fit(name, kwargs):
     X = make_inputs(score, 5, seed=0)
     assert not score.is_fitted
     with pytest.raises(
-        NotFittedError, match=rf"{type(score).__name__} is not fitted yet\. Call fit\(X\)"
+        NotFittedError, match=rf"{type(score).__name__} is not fitted yet\. Call fit\(X(, y)?\)"
     ):
         score(X)
-    with pytest.raises(NotFittedError, match=r"Call fit\(X\)"):
+    with pytest.raises(NotFittedError, match=r"Call fit\(X(, y)?\)"):
         score.score(X)
-    with pytest.raises(NotFittedError, match=r"Call fit\(X\)"):
+    with pytest.raises(NotFittedError, match=r"Call fit\(X(, y)?\)"):
         score.calibrate(X, coverage=0.5)
 
 
@@ -164,7 +244,7 @@ def test_contract_select_before_calibrate_raises_naming_calibrate(name, kwargs):
 @pytest.mark.parametrize(("name", "kwargs"), CASES)
 def test_contract_fit_calibrate_and_set_threshold_return_self(name, kwargs):
     score = build(name, kwargs)
-    X = make_inputs(score, 50, seed=1)
+    X = make_inputs(score, 100, seed=1)  # more rows than any default k (DkNN's paper k is 75)
     assert score.fit(X, make_labels(X)) is score
     assert score.calibrate(make_inputs(score, 30, seed=2), coverage=0.8) is score
     assert score.set_threshold(0.5) is score
@@ -198,11 +278,12 @@ def test_contract_double_moves_all_state_to_float64(name, kwargs):
     Q = make_inputs(score, 25, seed=4)
     before, threshold = score(Q), score.get_threshold()
     assert score.double() is score
-    buffers = dict(score.named_buffers())
+    # every floating buffer moves; integer ones (layer widths dims_, labels) keep their dtype
+    buffers = {key: buf for key, buf in score.named_buffers() if buf.is_floating_point()}
     assert {"threshold_", "calibration_scores_"} <= set(buffers)
     for key, buf in buffers.items():
         assert buf.dtype == torch.float64, key
-    after = score(Q.double())
+    after = score(apply(Q, torch.Tensor.double))
     assert after.dtype == torch.float64
     torch.testing.assert_close(after, before.double(), rtol=1e-5, atol=1e-5)
     assert score.get_threshold() == pytest.approx(threshold, rel=1e-6)
@@ -213,8 +294,7 @@ def test_contract_compiled_fullgraph_equals_eager(name, kwargs):
     score = fitted(name, kwargs)
     compiled = torch.compile(score, fullgraph=True)
     for seed in (5, 6):  # two batches of the same shape
-        Q = make_inputs(score, 16, seed=seed)
-        Q[3] = float("nan")
+        Q = poisoned(make_inputs(score, 16, seed=seed), 3, float("nan"))
         torch.testing.assert_close(compiled(Q), score(Q), rtol=1e-5, atol=1e-5)
 
 
@@ -239,10 +319,11 @@ def test_contract_row_score_does_not_depend_on_batch(name, kwargs):
     rows = make_inputs(score, 4, seed=10)
     others = make_inputs(score, 60, seed=11)
     alone = score(rows)
-    one_by_one = torch.cat([score(r[None]) for r in rows])
-    in_batch = score(torch.cat([others[:30], rows, others[30:]]))[30:34]
-    permuted = score(torch.cat([rows.flip(0), others]))[:4].flip(0)
-    chunked = score.score(torch.cat([rows, others]), batch_size=3)[:4]
+    one_by_one = torch.cat([score(take(rows, slice(i, i + 1))) for i in range(4)])
+    in_batch = score(cat([take(others, slice(0, 30)), rows, take(others, slice(30, None))]))
+    in_batch = in_batch[30:34]
+    permuted = score(cat([take(rows, [3, 2, 1, 0]), others]))[:4].flip(0)
+    chunked = score.score(cat([rows, others]), batch_size=3)[:4]
     for other in (one_by_one, in_batch, permuted, chunked):
         torch.testing.assert_close(other, alone, rtol=1e-5, atol=1e-5)
 
@@ -251,7 +332,7 @@ def test_contract_row_score_does_not_depend_on_batch(name, kwargs):
 def test_contract_fitting_twice_replaces_state_and_drops_threshold(name, kwargs):
     score = fitted(name, kwargs)
     assert score.is_calibrated
-    second = make_inputs(score, 120, seed=12) + 2.0
+    second = apply(make_inputs(score, 120, seed=12), lambda t: t + 2.0)
     score.fit(second, make_labels(second))
     assert not score.is_calibrated
     assert score.calibration_scores_.numel() == 0
@@ -271,10 +352,10 @@ def test_contract_nan_and_inf_rows_get_inf_score_and_are_rejected(name, kwargs):
     score = fitted(name, kwargs)
     Q = make_inputs(score, 8, seed=15)
     clean = score(Q)
-    bad = Q.clone()
-    bad[1, 0] = float("nan")
-    bad[4, 2] = float("inf")
-    bad[6, 5] = -float("inf")
+    # in a dict of layers: NaN in one layer, Inf in the other, -Inf in the logits
+    bad = poisoned(Q, 1, float("nan"), col=0, part=0)
+    bad = poisoned(bad, 4, float("inf"), col=2, part=1)
+    bad = poisoned(bad, 6, -float("inf"), col=5, part=2)
     out = score.select(bad)
     bad_rows = torch.tensor([1, 4, 6])
     good_rows = torch.tensor([0, 2, 3, 5, 7])
@@ -301,6 +382,8 @@ def test_contract_empty_batch_gives_empty_scores(name, kwargs):
 
 def direction_data(score):
     """(reference, held-out calibration, inliers, outliers) for the score's input kind."""
+    if score.input == "multi":
+        return multi_direction_data()
     if getattr(score, "ensemble", False):
         # members that agree up to small noise vs members confident in different classes
         g = torch.Generator().manual_seed(1)
@@ -329,17 +412,47 @@ def direction_data(score):
     return ref, cal, central + 0.01, torch.full((3, D), -25.0)
 
 
+def multi_direction_data():
+    """Three classes, each a cloud in both layers with logits that predict it; the outliers lie
+    far from every cloud (nearest to class 2's) while their logits predict class 0."""
+    g = torch.Generator().manual_seed(1)
+    centres = {
+        name: torch.stack(
+            [2.0 + 4.0 * torch.eye(width)[c] * (1 if c < 2 else -1) for c in range(3)]
+        )
+        for name, width in LAYER_WIDTHS.items()
+    }
+
+    def rows(classes, noise):
+        X = {
+            name: c[classes] + noise * torch.randn(len(classes), c.shape[1], generator=g)
+            for name, c in centres.items()
+        }
+        return {
+            **X,
+            "logits": 8.0 * torch.eye(D)[classes] + torch.randn(len(classes), D, generator=g),
+        }
+
+    ref, cal = rows(torch.arange(300) % 3, 0.5), rows(torch.arange(120) % 3, 0.5)
+    inliers = rows(torch.arange(3), 0.0)  # the class centres, predicted as their class
+    outliers = {name: torch.full((3, c.shape[1]), -25.0) for name, c in centres.items()}
+    outliers["logits"] = 8.0 * torch.eye(D)[[0, 0, 0]]
+    return ref, cal, inliers, outliers
+
+
 @pytest.mark.parametrize(("name", "kwargs"), CASES)
 def test_contract_higher_score_means_more_uncertain(name, kwargs):
     score = build(name, kwargs)
     if not getattr(score, "informative", True):  # RandomScore: no direction by design
         pytest.skip(f"{type(score).__name__} carries no information by design")
     ref, cal, inliers, outliers = direction_data(score)
+    if name in WEAK_ACTIVATION_OUTLIERS:
+        outliers = torch.full_like(outliers, 0.1)
     score.fit(ref, make_labels(ref))
     s_in, s_out = score(inliers), score(outliers)
     assert s_out.min() > s_in.max(), (s_in.tolist(), s_out.tolist())
     score.calibrate(cal, coverage=0.9)
-    out = score.select(torch.cat([inliers, outliers]))
+    out = score.select(cat([inliers, outliers]))
     if name in LOSS_PREDICTORS:
         assert not out["selected"][3:].any()
     else:
@@ -349,6 +462,21 @@ def test_contract_higher_score_means_more_uncertain(name, kwargs):
 @pytest.mark.parametrize(("name", "kwargs"), CASES)
 def test_contract_feature_checks_apply_to_every_score(name, kwargs):
     score = fitted(name, kwargs)
+    if score.input == "multi":
+        Q = make_inputs(score, 4, seed=0)
+        with pytest.raises(
+            ValueError, match=r"`X\['block.b'\]` to have shape \(N, D\).* got \(8,\)"
+        ):
+            score({**Q, "block.b": torch.zeros(8)})
+        with pytest.raises(TypeError, match=r"`X\['block.a'\]` to be a floating-point tensor"):
+            score({**Q, "block.a": Q["block.a"].long()})
+        with pytest.raises(ValueError, match=r"`X\['block.b'\]` to have 12 features per row"):
+            score({**Q, "block.b": Q["block.a"]})
+        with pytest.raises(ValueError, match=r"fitted on the layers .* holds \['block.a'\]"):
+            score({"block.a": Q["block.a"], "logits": Q["logits"]})
+        with pytest.raises(ValueError, match=r"`X\['block.a'\]` has 1 of 4 rows with NaN"):
+            score.calibrate(poisoned(Q, 2, float("nan")), coverage=0.5)
+        return
     with pytest.raises(ValueError, match=r"`X` to have shape \(N, (D|C, M)\).* got \(8,\)"):
         score(torch.zeros(8))
     X = torch.ones_like(make_inputs(score, 4, seed=0))

@@ -36,7 +36,16 @@ from selectorch.functional.gaussian import (
     whiten,
     whitening_matrix,
 )
+from selectorch.functional.gradnorm import gradnorm, gradnorm_score
+from selectorch.functional.gram import (
+    GramFeatures,
+    gram_deviations,
+    gram_features,
+    gram_ranges,
+    gram_score,
+)
 from selectorch.functional.hashing import hash_uniform
+from selectorch.functional.joint_energy import joint_energy_score
 from selectorch.functional.knn import STATS, knn_score, knn_search, knn_statistic
 from selectorch.functional.logits import (
     LOGIT_TASKS,
@@ -50,6 +59,17 @@ from selectorch.functional.logits import (
     predictive_variance_score,
     softmax_score,
 )
+from selectorch.functional.neighbours import (
+    class_nearest_search,
+    density_filter,
+    dknn_nonconformity,
+    dknn_score,
+    lid_mle,
+    lid_score,
+    trust_ratio,
+    trust_score,
+)
+from selectorch.functional.odin import odin_logits, odin_perturbation, odin_score
 from selectorch.functional.outliers import (
     drop_self_matches,
     inlier_rows,
@@ -85,6 +105,7 @@ from selectorch.functional.shaping import (
     vim_origin,
     vim_score,
 )
+from selectorch.functional.she import she_patterns, she_score
 from selectorch.functional.temperature import fit_temperature, temperature_nll
 from selectorch.functional.thresholds import (
     coverage_threshold,
@@ -93,6 +114,27 @@ from selectorch.functional.thresholds import (
 )
 
 __all__ = [
+    "gradnorm",
+    "gradnorm_score",
+    "GramFeatures",
+    "gram_deviations",
+    "gram_features",
+    "gram_ranges",
+    "gram_score",
+    "joint_energy_score",
+    "class_nearest_search",
+    "density_filter",
+    "dknn_nonconformity",
+    "dknn_score",
+    "lid_mle",
+    "lid_score",
+    "trust_ratio",
+    "trust_score",
+    "odin_logits",
+    "odin_perturbation",
+    "odin_score",
+    "she_patterns",
+    "she_score",
     "ASH_VARIANTS",
     "LOGIT_TASKS",
     "METRICS",

@@ -63,10 +63,34 @@ class Score(ThresholdMixin, nn.Module, ABC):
 
     Subclasses set :attr:`input`, :attr:`fitted_buffers` and implement :meth:`_fit` and
     :meth:`_score` (compile-clean: no ``.item()``, no branch on tensor values).
+
+    Three class attributes say what the score costs inside a
+    :class:`~selectorch.SelectiveModel` (``selectorch.list_scores(details=True)`` shows them):
+
+    * :attr:`requires_grad`: the score needs gradients with respect to the model's input.
+      Such a score implements ``perturb(x, logits) -> x'``; the model runs on ``x`` under
+      ``torch.enable_grad()`` (even inside ``torch.no_grad()``), then again on ``x'``, and the
+      score reads the second pass. It cannot run under ``torch.inference_mode()`` nor from a
+      recording.
+    * :attr:`passes`: forward passes of the model per batch.
+    * :attr:`compile_clean`: ``torch.compile(sel, fullgraph=True)`` gives one graph.
+
+    A score may also prefer a pooling of the layers it reads (:attr:`pool`): with
+    ``SelectiveModel(..., pool="auto")`` it is used for every hooked layer.
     """
 
-    #: What the score consumes: ``"embedding"`` (a hooked layer) or ``"logits"``.
+    #: What the score consumes: ``"embedding"`` (a hooked layer), ``"logits"`` or ``"multi"``
+    #: (a dict of several layers and the logits).
     input: ClassVar[str] = "embedding"
+    #: Whether the score needs gradients with respect to the model's input (see above).
+    requires_grad: ClassVar[bool] = False
+    #: Forward passes of the model per batch inside a SelectiveModel.
+    passes: ClassVar[int] = 1
+    #: Whether a SelectiveModel with this score compiles with ``fullgraph=True``.
+    compile_clean: ClassVar[bool] = True
+    #: Preferred pooling of the hooked layers (a name of ``selectorch.recorder.pooling.POOLS``
+    #: or a picklable callable ``(B, ...) -> (B, D)``); ``None``: the SelectiveModel's ``pool``.
+    pool: Any = None
     #: Buffers that ``fit`` must fill before the score can be used.
     fitted_buffers: ClassVar[tuple[str, ...]] = ()
     #: Name in the score registry (set by :func:`register_score`).

@@ -61,6 +61,16 @@ class FusionScore(Score):
 
     input = "multi"
 
+    @property  # type: ignore[override]
+    def passes(self) -> int:  # the components read one model pass
+        """Forward passes of the model per batch: those of the most demanding component."""
+        return max(score.passes for score in self.components)
+
+    @property  # type: ignore[override]
+    def compile_clean(self) -> bool:
+        """Whether every component compiles with ``fullgraph=True``."""
+        return all(score.compile_clean for score in self.components)
+
     reference_: torch.Tensor
     mean_: torch.Tensor
     std_: torch.Tensor
@@ -84,6 +94,16 @@ class FusionScore(Score):
                 raise TypeError(
                     f"Expected every value of `scores` to be a selectorch Score (not a "
                     f"FusionScore), got {type(score).__name__} for key {key!r}."
+                )
+            if score.requires_grad or score.input == "multi":
+                raise TypeError(
+                    f"Expected every value of `scores` to read one input in one pass, got "
+                    f"{type(score).__name__} for key {key!r}, which "
+                    + (
+                        "needs input gradients and a pass of its own."
+                        if score.requires_grad
+                        else "reads several layers itself."
+                    )
                 )
         self.keys = [str(key) for key in scores]
         # ModuleDict names cannot hold dots ("layer4.1"): index the components by position
@@ -114,7 +134,8 @@ class FusionScore(Score):
         if missing:
             raise ValueError(f"Argument `{name}` lacks the keys {missing} (has {list(X)}).")
         rows = {key: X[key].shape[0] for key in self.keys}
-        if len(set(rows.values())) > 1:
+        first = next(iter(rows.values()))
+        if any(count != first for count in rows.values()):  # never hash symbolic sizes
             raise ValueError(f"The inputs of `{name}` disagree on the number of rows: {rows}.")
         return {key: X[key] for key in self.keys}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import warnings
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 T = TypeVar("T", bound=type)
 
@@ -29,14 +29,53 @@ def register_score(name: str) -> Callable[[T], T]:
     return decorator
 
 
-def list_scores() -> list[str]:
-    """Names of every registered score, sorted.
+@overload
+def list_scores(details: Literal[False] = False) -> list[str]: ...
+
+
+@overload
+def list_scores(details: Literal[True]) -> list[dict[str, Any]]: ...
+
+
+def list_scores(details: bool = False) -> list[str] | list[dict[str, Any]]:
+    """Names of every registered score, sorted; with ``details=True``, one row per score.
+
+    Args:
+        details: Return a dict per score instead of its name, read from the class (no score
+            is built): ``name``, ``class``, ``input`` (``"embedding"``, ``"logits"`` or
+            ``"multi"``), ``requires_grad`` (needs input gradients, so runs under
+            ``torch.enable_grad()``), ``passes`` (model forward passes per batch),
+            ``compile_clean`` (a SelectiveModel with it compiles with ``fullgraph=True``),
+            ``needs_fit`` (has state that ``fit`` fills), ``needs_head`` (a SelectiveModel
+            needs ``head=``) and ``needs_preds`` (works on the predicted class).
+
+    Returns:
+        Sorted names, or the rows in the same order.
 
     Example:
         >>> "knn" in list_scores()
         True
+        >>> row = next(r for r in list_scores(details=True) if r["name"] == "energy")
+        >>> row["input"], row["requires_grad"], row["passes"], row["compile_clean"]
+        ('logits', False, 1, True)
     """
-    return sorted(_REGISTRY)
+    if not details:
+        return sorted(_REGISTRY)
+    return [_details(name, _REGISTRY[name]) for name in sorted(_REGISTRY)]
+
+
+def _details(name: str, cls: type) -> dict[str, Any]:
+    return {
+        "name": name,
+        "class": cls.__name__,
+        "input": cls.input,
+        "requires_grad": bool(cls.requires_grad),
+        "passes": int(cls.passes),
+        "compile_clean": bool(cls.compile_clean),
+        "needs_fit": bool(cls.fitted_buffers),
+        "needs_head": bool(getattr(cls, "needs_head", False)),
+        "needs_preds": bool(getattr(cls, "needs_preds", False)),
+    }
 
 
 def get_score_class(name: str) -> type:

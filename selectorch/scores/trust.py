@@ -1,0 +1,297 @@
+"""Trust score: distance to the predicted class over the distance to the nearest other class."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, ClassVar
+
+import torch
+
+from selectorch._checks import check_finite_rows, check_int
+from selectorch.calibration import check_target
+from selectorch.functional.classwise import class_banks
+from selectorch.functional.knn import DEFAULT_CHUNK_SIZE
+from selectorch.functional.neighbours import class_nearest_search, density_filter, trust_score
+from selectorch.scores.base import Score, fail_closed
+from selectorch.scores.mahalanobis import check_labels
+from selectorch.scores.registry import register_score
+
+
+@register_score("trust")
+class TrustScore(Score):
+    """Inverse trust score (Jiang et al. 2018, "To trust or not to trust a classifier").
+
+    ``fit(X, y)`` keeps, for every class, its reference rows minus the ``alpha`` fraction of
+    lowest density (the rows whose distance to their ``k``-th nearest other row of the class is
+    largest: the paper's alpha-high-density set). A sample predicted as class ``c`` scores
+
+        ``d(x, nearest kept row of c) / d(x, nearest kept row of any other class)``,
+
+    the reciprocal of the paper's trust score, so that higher means less trustworthy: above 1,
+    the sample lies closer to another class than to the one predicted. Distances are
+    Euclidean; a query on a row of another class scores ``+inf``, one on rows of both classes
+    scores 1 (:func:`~selectorch.functional.neighbours.trust_ratio`).
+
+    **Where the predicted class comes from**, as for
+    :class:`~selectorch.scores.ClassWiseKNNScore`: :meth:`score_with_preds` takes it
+    (:class:`~selectorch.SelectiveModel` passes the model's ``argmax``, see
+    :attr:`needs_preds`), and so do :meth:`score`, :meth:`calibrate` and :meth:`select`
+    through ``preds=``. ``forward(X)`` alone, and any ``preds=None``, predicts the class of the
+    nearest kept row (a 1-nearest-neighbour classifier): the score is then the nearest over the
+    second-nearest class distance, in ``[0, 1]``, a margin of the kNN classifier rather than a
+    check of the model. A predicted class outside ``[0, C)`` scores ``+inf``.
+
+    **Cost.** The class banks are stored padded in one ``(C, M_max, D)`` tensor; each batch
+    compares every query with every kept row (``O(B C M_max D)``), a ``(B, chunk_size)`` block
+    of distances at a time, keeping a running per-class minimum; the full queries x bank
+    matrix is never built. The two distances used are recomputed exactly from their rows.
+
+    Args:
+        k: Neighbours of the density radius (the paper's ``k``; only used when ``alpha > 0``,
+            which then needs ``k + 1`` rows per class).
+        alpha: Fraction in ``[0, 1)`` of each class's rows dropped as low-density; 0 keeps all.
+        chunk_size: About how many bank rows (over all classes) are compared per step.
+
+    Attributes:
+        bank_: ``(C, M_max, D)`` kept rows of each class, centred on ``mean_``; padding rows
+            are ``+inf``.
+        mean_: ``(D,)`` mean of the kept rows.
+
+    Example:
+        >>> X, y = torch.randn(300, 16), torch.randint(3, (300,))
+        >>> score = TrustScore(k=5, alpha=0.1).fit(X, y)
+        >>> score.score_with_preds(torch.randn(4, 16), torch.tensor([0, 2, 1, 0])).shape
+        torch.Size([4])
+    """
+
+    input = "embedding"
+    fitted_buffers = ("bank_", "mean_")
+    #: The score needs each sample's predicted class: call :meth:`score_with_preds`.
+    needs_preds: ClassVar[bool] = True
+    requires_grad: ClassVar[bool] = False
+    passes: ClassVar[int] = 1
+    compile_clean: ClassVar[bool] = True
+
+    bank_: torch.Tensor
+    mean_: torch.Tensor
+    bank_sq_norms_: torch.Tensor
+
+    def __init__(
+        self, *, k: int = 10, alpha: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE
+    ) -> None:
+        super().__init__()
+        self.k = check_int("k", k)
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha < 1:
+            raise ValueError(f"Expected argument `alpha` to be a number in [0, 1), got {alpha!r}.")
+        self.alpha = float(alpha)
+        self.chunk_size = check_int("chunk_size", chunk_size)
+        self.register_buffer("bank_", torch.empty(0, 0, 0))
+        self.register_buffer("mean_", torch.empty(0))
+        # derived from bank_ (not saved): (C, M_max) squared row norms, 0 on padding
+        self.register_buffer("bank_sq_norms_", torch.empty(0, 0), persistent=False)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class banks ``C`` (0 before fit)."""
+        return self.bank_.shape[0] if self.is_fitted else 0
+
+    def class_sizes(self) -> torch.Tensor:
+        """``(C,)`` number of reference rows kept per class (eager)."""
+        self._check_fitted()
+        return torch.isfinite(self.bank_[:, :, 0]).sum(dim=1)
+
+    def _expected_dim(self) -> int | None:
+        return self.bank_.shape[2] if self.is_fitted else None
+
+    def _fit(self, X: torch.Tensor, y: torch.Tensor | None) -> None:
+        name = type(self).__name__
+        y = check_labels(name, y, min_classes=2).long()
+        if bool((y < 0).any()):
+            raise ValueError(
+                f"Expected argument `y` to hold class indices >= 0 (the classes the model "
+                f"predicts), got {int(y.min())}."
+            )
+        if self.alpha > 0:
+            counts = torch.bincount(y)
+            present = counts > 0
+            small = (present & (counts < self.k + 1)).nonzero().flatten().tolist()
+            if small:
+                raise ValueError(
+                    f"{name}(alpha={self.alpha}) needs at least k + 1 = {self.k + 1} reference "
+                    f"rows in every class for the density radius, got {int(counts[small[0]])} "
+                    f"in class {small[0]}. Lower k or give more rows of that class."
+                )
+            keep = density_filter(X, y, self.k, self.alpha)
+            X, y = X[keep], y[keep]
+        self._set_buffer("mean_", X.mean(dim=0))
+        self.bank_ = class_banks(X - self.mean_, y, int(y.max()) + 1)
+
+    def _refresh_derived(self) -> None:
+        bank = self.bank_.to(torch.promote_types(self.bank_.dtype, torch.float32))
+        self.bank_sq_norms_ = torch.where(torch.isfinite(bank[..., 0]), bank.pow(2).sum(dim=2), 0)
+
+    # -- scoring -------------------------------------------------------------------------------
+
+    def _score_classes(self, X: torch.Tensor, preds: torch.Tensor | None) -> torch.Tensor:
+        """Raw scores of checked ``X`` (compile-clean); ``preds=None`` = the nearest row's class."""
+        query = X.to(self.mean_.dtype) - self.mean_
+        return trust_score(
+            query, self.bank_, preds, bank_sq_norms=self.bank_sq_norms_, chunk_size=self.chunk_size
+        )
+
+    def _score(self, X: torch.Tensor) -> torch.Tensor:
+        return self._score_classes(X, None)
+
+    def predicted_classes(self, X: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` class of the nearest kept reference row (used when no ``preds``)."""
+        self._check_fitted()
+        X = self._check_input(X)
+        query = X.to(self.mean_.dtype) - self.mean_
+        d, _ = class_nearest_search(
+            query, self.bank_, bank_sq_norms=self.bank_sq_norms_, chunk_size=self.chunk_size
+        )
+        return d.argmin(dim=1)
+
+    def _check_preds(self, preds: Any, n: int, device: torch.device) -> torch.Tensor:
+        if (
+            not isinstance(preds, torch.Tensor)
+            or preds.shape != (n,)
+            or preds.is_floating_point()
+            or preds.is_complex()
+            or preds.dtype == torch.bool
+        ):
+            got = (
+                f"shape {tuple(preds.shape)} and dtype {preds.dtype}"
+                if isinstance(preds, torch.Tensor)
+                else type(preds).__name__
+            )
+            raise ValueError(
+                f"Expected argument `preds` to be an ({n},) integer tensor of predicted "
+                f"classes (one per row of `X`), got {got}."
+            )
+        return preds.to(device)
+
+    def _classes(self, X: torch.Tensor, preds: Any) -> torch.Tensor:
+        if preds is None:
+            return self.predicted_classes(X)
+        return self._check_preds(preds, X.shape[0], X.device)
+
+    def score_with_preds(self, X: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
+        """Scores against the given predicted classes (compile-clean).
+
+        Args:
+            X: ``(B, D)`` embeddings.
+            preds: ``(B,)`` integer predicted classes (the model's ``argmax``); a class outside
+                ``[0, C)`` scores ``+inf``.
+
+        Returns:
+            ``(B,)`` scores; rows with NaN or Inf score ``+inf``.
+
+        Raises:
+            NotFittedError: ``fit`` was not called.
+            ValueError: ``X`` or ``preds`` has the wrong shape, dtype or device.
+        """
+        self._check_fitted()
+        X = self._check_input(X)
+        preds = self._check_preds(preds, X.shape[0], X.device)
+        return fail_closed(self._score_classes(X, preds), X)
+
+    @torch.no_grad()
+    def score(
+        self, X: torch.Tensor, *, batch_size: int = 4096, preds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scores of many rows, ``batch_size`` at a time, against their predicted classes.
+
+        Args:
+            X: ``(N, D)`` embeddings.
+            batch_size: Rows per step, bounding memory.
+            preds: ``(N,)`` predicted classes; the nearest kept row's class if ``None``.
+
+        Returns:
+            ``(N,)`` scores.
+        """
+        check_int("batch_size", batch_size)
+        self._check_fitted()
+        X = self._check_input(X)
+        if preds is None:
+            return super().score(X, batch_size=batch_size)
+        preds = self._check_preds(preds, X.shape[0], X.device)
+        if X.shape[0] == 0:
+            return self.score_with_preds(X, preds)
+        parts = zip(X.split(batch_size), preds.split(batch_size), strict=True)
+        return torch.cat([self.score_with_preds(x, c) for x, c in parts])
+
+    def select(self, X: torch.Tensor, preds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Score ``X`` against its predicted classes and decide which rows to keep.
+
+        Args:
+            X: ``(N, D)`` embeddings.
+            preds: ``(N,)`` predicted classes, used for the score and for per-class
+                thresholds; the nearest kept row's class if ``None``.
+
+        Returns:
+            ``{"score": (N,) float, "selected": (N,) bool}``.
+        """
+        self._check_calibrated()
+        self._check_fitted()
+        X = self._check_input(X)
+        scores = self.score(X, preds=preds)
+        if self.threshold_.ndim == 1 or preds is not None:
+            classes = self._classes(X, preds)
+        else:
+            classes = None
+        return {"score": scores, "selected": self.selected(scores, classes)}
+
+    @torch.no_grad()
+    def calibrate(
+        self,
+        X: torch.Tensor,
+        *,
+        coverage: float | None = None,
+        risk: float | None = None,
+        delta: float = 0.1,
+        correct: torch.Tensor | None = None,
+        losses: torch.Tensor | None = None,
+        preds: torch.Tensor | None = None,
+        per_class: bool = False,
+        num_classes: int | None = None,
+        bound: str = "clopper-pearson",
+        method: str = "sgr",
+    ) -> TrustScore:
+        """Set the threshold from held-out data scored against their predicted classes.
+
+        As :meth:`Score.calibrate`, except that ``preds`` also chooses the class each row is
+        scored against (the nearest kept row's class if ``None``, for scoring and for
+        ``per_class``). With ``per_class``, ``num_classes`` defaults to the number of classes.
+
+        Returns:
+            ``self``.
+        """
+        check_target(coverage, risk, delta, bound, method)
+        self._check_fitted()
+        X = self._check_input(X)
+        if X.shape[0] == 0:
+            raise ValueError("Expected argument `X` to hold calibration rows, got an empty tensor.")
+        check_finite_rows("X", X)
+        classes = self._classes(X, preds)
+        if per_class and num_classes is None:
+            num_classes = max(self.num_classes, int(classes.max()) + 1)
+        return self.calibrate_scores(
+            self.score(X, preds=preds),
+            coverage=coverage,
+            risk=risk,
+            delta=delta,
+            correct=correct,
+            losses=losses,
+            preds=classes,
+            per_class=per_class,
+            num_classes=num_classes,
+            bound=bound,
+            method=method,
+        )
+
+    def extra_repr(self) -> str:
+        chunk = "" if self.chunk_size == DEFAULT_CHUNK_SIZE else f", chunk_size={self.chunk_size}"
+        return f"k={self.k}, alpha={self.alpha}{chunk}"

@@ -179,11 +179,13 @@ def collect_recorded(sel: Any, data: Any, y: torch.Tensor | None, desc: str) -> 
         rows = feats.shape[0]
     device = module_device(sel.model)
     preds, num_classes = class_predictions(logits, rows, sel.score)
+    keep_logits = getattr(sel.score, "needs_losses", False) and logits is not None
     return Collected(
         to_device(feats, device),
         None if labels is None else labels.to(device),
         None if preds is None else preds.to(device),
         num_classes,
+        logits=logits.to(device) if keep_logits else None,
     )
 
 

@@ -218,6 +218,9 @@ def write_save(path: str | os.PathLike[str], score: Score, extra: dict[str, Any]
             "on every rank (one file per rank plus a header); load_sharded loads it on any "
             "number of ranks."
         )
+    refusal = getattr(score, "save_refusal", None)
+    if refusal:
+        raise PersistenceError(f"Cannot save to '{os.fspath(path)}': {refusal}")
     path = Path(path)
     if path.exists() and not _is_save_dir(path):
         raise FileExistsError(

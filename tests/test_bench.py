@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pickle
 import re
@@ -15,8 +16,13 @@ from torch.utils.data import DataLoader, TensorDataset
 import selectorch as st
 from selectorch.bench import BenchError, BenchReport, evaluate
 from selectorch.bench.command import guess_head, parse_scores
+from selectorch.bench.default import DEFAULT_OPTIONS, DEFAULT_SCORES, MULTI_LAYERS, SIZES
 from selectorch.cli import main
 from selectorch.datasets import MNIST_MEAN, MNIST_STD, fashion_mnist, mnist5k, mnist_net
+
+#: Registered scores the default MNIST run leaves out: joint_energy scores multilabel models.
+NOT_IN_DEFAULT = {"joint_energy", "classwise_knn", "deup", "ash", "euclidean",
+                  "mutual_information", "predictive_variance"}
 
 
 class CountingNet(nn.Module):
@@ -225,6 +231,106 @@ def test_a_failing_score_is_named(tiny):
         run(net, data, scores=("vim",))
 
 
+# -- multi-layer scores, scores that run the model, cost columns --------------------------------
+
+
+def test_a_multi_layer_score_is_fitted_from_the_recorded_layers(tiny):
+    net, data = tiny
+    report = run(net, data, scores=("dknn", "knn"), layer={"dknn": ["body", "head"], "knn": "body"})
+    assert net.calls == 300 // 50 + 200 // 50 + 200 // 50 + 2 * (150 // 50)  # recorded once
+    row = report.rows[0]
+    assert row["layer"] == "body+head" and row["rate_includes_model"] is False
+    x, y = data["fit"]
+    with st.Recorder(net, ["body", "head"]) as rec, torch.no_grad():
+        logits, feats = rec(x)
+        test_logits, test_feats = rec(data["test"][0])
+    manual = st.scores.DkNNScore().fit({**feats, "logits": logits}, y)
+    expected = manual.score({**test_feats, "logits": test_logits})
+    torch.testing.assert_close(report.raw["dknn"]["test"], expected)
+
+
+def test_scores_on_the_predicted_class_get_the_recorded_argmax(tiny):
+    net, data = tiny
+    report = run(net, data, scores=("trust",))
+    x, y = data["fit"]
+    with st.Recorder(net, "body") as rec, torch.no_grad():
+        _, fit_feats = rec(x)
+        test_logits, test_feats = rec(data["test"][0])
+    manual = st.scores.TrustScore().fit(fit_feats["body"], y)
+    expected = manual.score(test_feats["body"], preds=test_logits.argmax(1))
+    torch.testing.assert_close(report.raw["trust"]["test"], expected)
+
+
+def test_a_gradient_score_runs_the_model_on_the_raw_data_and_says_so(tiny):
+    net, data = tiny
+    odin = st.scores.ODINScore(temperature=10.0, epsilon=0.05)
+    report = evaluate(
+        net, {"odin": odin, "energy": "energy"}, fit=data["fit"], calibrate=data["calibrate"],
+        test=data["test"], ood=data["ood"], progress=False, batch_size=50,
+    )
+    row = report.rows[0]
+    assert (row["requires_grad"], row["passes"], row["compile_clean"]) == (True, 2, False)
+    assert row["rate_includes_model"] is True and report.rows[1]["rate_includes_model"] is False
+    assert row["score_rows_per_s"] > 0 and row["fit_s"] >= 0
+    # reference: one signed-gradient step on the input, by plain autograd, then the score
+    x = data["test"][0].clone().requires_grad_(True)
+    logits = net(x) / 10.0
+    loss = -torch.log_softmax(logits, dim=1).max(dim=1).values.sum()
+    (grad,) = torch.autograd.grad(loss, x)
+    with torch.no_grad():
+        probs = torch.softmax(net(x - 0.05 * grad.sign()) / 10.0, dim=1)
+    expected = -probs.max(dim=1).values
+    torch.testing.assert_close(report.raw["odin"]["test"], expected, rtol=1e-5, atol=1e-6)
+    assert report.rows[0]["accuracy"] == report.rows[1]["accuracy"]
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [("odin", r"it needs gradients .*requires_grad=True"),
+     ("gram", r"it pools its layers its own way \(pool=GramFeatures")],
+)
+def test_a_score_that_runs_the_model_refuses_recordings_before_anything_runs(tiny, name, reason):
+    net, data = tiny
+    recorded = st.record(net, data["fit"][0], layers=[], progress=False)
+    net.calls = 0
+    with pytest.raises(ValueError, match=rf"Score '{name}' cannot be evaluated from recordings: "
+                       rf"{reason}.*given for fit\b"):
+        evaluate(net, ["energy", name], layer={"gram": ["body"]}, fit=recorded,
+                 calibrate=data["calibrate"], test=data["test"], progress=False)
+    assert net.calls == 0
+
+
+def test_pyod_runs_in_evaluate_on_the_cpu_and_is_not_compile_clean(tiny):
+    pytest.importorskip("pyod")
+    net, data = tiny
+    report = run(net, data, scores=("pyod",))
+    row = report.rows[0]
+    assert row["auroc:far"] > 0.95 and row["compile_clean"] is False
+    assert row["rate_includes_model"] is False
+
+
+def test_cost_columns_say_yes_no_and_the_notes_say_what_the_rates_count():
+    rows = [
+        {"score": "odin", "layer": "logits", "requires_grad": True, "passes": 2,
+         "compile_clean": False, "fit_s": 1.0, "score_rows_per_s": 200.0,
+         "rate_includes_model": True},
+        {"score": "knn", "layer": "x", "requires_grad": False, "passes": 1,
+         "compile_clean": True, "fit_s": 0.1, "score_rows_per_s": 9000.0,
+         "rate_includes_model": False},
+    ]
+    meta = {"ood": [], "splits": {"fit": {"rows": 10, "rows_per_s": 500.0}}}
+    report = BenchReport(rows=rows, meta=meta)
+    lines = report.table().splitlines()
+    assert lines[0].split()[-8:] == ["input", "passes", "full", "fit", "s", "scored", "rate",
+                                     "incl."]
+    assert lines[3].split()[-6:] == ["yes", "2", "no", "1.00", "200", "yes"]
+    assert lines[4].split()[-6:] == ["no", "1", "yes", "0.10", "9,000", "no"]
+    notes = " ".join(report.notes())
+    assert "include the model's passes" in notes and "500 to 500 rows/s" in notes
+    assert report.to_markdown().endswith(report.notes()[-1])
+    assert BenchReport(rows=[{"score": "x"}]).notes() == []
+
+
 # -- the report -------------------------------------------------------------------------------
 
 
@@ -334,6 +440,8 @@ def test_bench_on_image_folders(image_folders, tmp_path, capsys):
         (["--scores", "cosine:k"], "expected NAME:key=value"),
         (["--device", "tpu:9"], "--device 'tpu:9'"),
         (["--model", "selectorch.datasets:mnist_net"], "--model needs --train, --val and --test"),
+        (["--model", "selectorch.datasets:mnist_net", "--small"], "--small is for the built-in"),
+        (["--layers", ","], "--layers: expected comma-separated layer names"),
     ],
 )
 def test_bench_argument_errors_are_one_line(argv, message, capsys):
@@ -374,18 +482,19 @@ def test_bench_weights_that_do_not_fit_are_one_line(image_folders, tmp_path, cap
                    "--weights: no such file")
 
 
-# -- the embedded default: real data, the numbers the README shows ------------------------------
+# -- the embedded default: real data, every registered score that fits a multiclass model --------
 
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
+    """``selectorch bench --small``: the default scores on a few hundred rows per split."""
     folder = tmp_path_factory.mktemp("bench") / "selectorch-report"
     import io
     from contextlib import redirect_stdout
 
     out = io.StringIO()
     with redirect_stdout(out):
-        code = main(["bench", "--output", str(folder), "--no-plots"])  # plots: tested above
+        code = main(["bench", "--small", "--output", str(folder), "--no-plots"])  # plots: above
     return code, out.getvalue(), folder
 
 
@@ -400,9 +509,36 @@ def test_default_bench_separates_fashion_and_animals(default_run, capsys):
         for ood in ("fashion", "animals"):
             assert rows[score][f"auroc:{ood}"] >= 0.93, (score, ood, rows[score])
     assert report["meta"]["seconds"] < 180
-    assert report["meta"]["splits"]["ood:fashion"]["rows"] == 10000
+    assert report["meta"]["splits"]["ood:fashion"]["rows"] == SIZES["ood"][1]
     assert 0.93 <= rows["cosine"]["coverage"] <= 0.98
     assert "best mean AUROC: cosine" in out
+
+
+def test_default_bench_runs_every_score_with_its_auroc_and_cost(default_run):
+    _, out, folder = default_run
+    rows = {row["score"]: row for row in json.loads((folder / "report.json").read_text())["rows"]}
+    multiclass = [n for n in st.scores.list_scores() if n not in NOT_IN_DEFAULT]
+    if importlib.util.find_spec("pyod") is None:
+        multiclass.remove("pyod")
+    assert sorted(rows) == sorted(multiclass) == sorted(DEFAULT_SCORES)
+    for name, row in rows.items():
+        cls = st.scores.get_score_class(name)
+        assert (row["requires_grad"], row["passes"], row["compile_clean"]) == (
+            cls.requires_grad, cls.passes, cls.compile_clean
+        ), name
+        assert row["score_rows_per_s"] > 0 and row["fit_s"] >= 0, name
+        for ood in ("fashion", "animals"):
+            assert 0.0 <= row[f"auroc:{ood}"] <= 1.0, name
+        if name != "random":
+            assert row["auroc_mean"] > 0.6, (name, row["auroc_mean"])  # all beat chance
+    assert abs(rows["random"]["auroc_mean"] - 0.5) < 0.1
+    # the scores that cannot use the recordings ran the model, and their rates say so
+    assert rows["odin"]["requires_grad"] and rows["odin"]["passes"] == 2
+    assert rows["odin"]["rate_includes_model"] and rows["gram"]["rate_includes_model"]
+    assert rows["gram"]["layer"] == "+".join(MULTI_LAYERS["gram"])
+    assert rows["dknn"]["layer"] == "+".join(MULTI_LAYERS["dknn"])
+    assert not rows["knn"]["rate_includes_model"] and not rows["dknn"]["rate_includes_model"]
+    assert "rate incl." in out and "include the model's passes" in out
 
 
 def test_default_bench_writes_the_report(default_run):
@@ -411,5 +547,13 @@ def test_default_bench_writes_the_report(default_run):
     for name in ("report.md", "report.json", "report.txt", "scores.pt"):
         assert (folder / name).is_file(), name
     raw = torch.load(folder / "scores.pt", weights_only=True)
-    assert raw["cosine"]["ood:animals"].shape == (10000,)
+    assert raw["cosine"]["ood:animals"].shape == (SIZES["ood"][1],)
+    assert raw["odin"]["test"].shape == (SIZES["test"][1],)
     assert (folder / "report.txt").read_text().strip() in out
+
+
+def test_default_odin_uses_the_mnist_std():
+    setup_scores = parse_scores("odin,odin:epsilon=0.0", defaults=DEFAULT_OPTIONS)
+    assert setup_scores["odin"].std == pytest.approx(MNIST_STD)
+    assert setup_scores["odin:epsilon=0.0"].std == pytest.approx(MNIST_STD)
+    assert setup_scores["odin:epsilon=0.0"].epsilon == 0.0

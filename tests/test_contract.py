@@ -26,6 +26,7 @@ from test_scores import (
     make_inputs,
     make_labels,
     poisoned,
+    skip_non_tensor_state,
 )
 from torch import nn
 from torch._dynamo.testing import CompileCounter
@@ -120,6 +121,7 @@ def test_contract_repeated_calls_and_refits_are_bitwise_deterministic(name, kwar
 
 @pytest.mark.parametrize(("name", "kwargs"), CASES)
 def test_contract_compiled_with_dynamic_batch_equals_eager_for_every_batch_size(name, kwargs):
+    skip_non_tensor_state(name)
     score = fitted(name, kwargs)
     counter = CompileCounter()
     compiled = torch.compile(score, backend=counter, fullgraph=True, dynamic=True)
@@ -318,6 +320,7 @@ def test_selective_contract_row_score_does_not_depend_on_batch_and_is_determinis
 
 @pytest.mark.parametrize(("name", "kwargs"), CASES)
 def test_selective_contract_state_dict_loads_into_an_unfitted_twin(name, kwargs):
+    skip_non_tensor_state(name)
     sel = selective(name, kwargs)
     twin_score = build(name, kwargs)
     twin = st.SelectiveModel(sel.model, twin_score, layer=sel.layer, head=sel.head)

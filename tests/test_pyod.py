@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from torch._dynamo.testing import CompileCounter
 
 import selectorch as st
@@ -16,10 +18,26 @@ from selectorch.functional.ranking import auroc
 from selectorch.persistence import PersistenceError
 from selectorch.scores import PyODScore, create_score
 
-pyod = pytest.importorskip("pyod")
-from pyod.models.iforest import IForest  # noqa: E402
-from pyod.models.knn import KNN  # noqa: E402
-from pyod.models.lof import LOF  # noqa: E402
+#: Every test but the missing-PyOD one needs PyOD (the `pyod` extra, installed by `dev`).
+needs_pyod = pytest.mark.skipif(
+    importlib.util.find_spec("pyod") is None, reason="pip install 'selectorch[pyod]'"
+)
+if importlib.util.find_spec("pyod") is not None:
+    from pyod.models.iforest import IForest
+    from pyod.models.knn import KNN
+    from pyod.models.lof import LOF
+
+
+class MeanDistance:
+    """Not PyOD: any object with fit / decision_function on numpy is accepted."""
+
+    def fit(self, X, y=None):
+        self.mean_ = X.mean(axis=0)
+        self.decision_scores_ = self.decision_function(X)
+        return self
+
+    def decision_function(self, X):
+        return np.linalg.norm(X - self.mean_, axis=1)
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +55,7 @@ def mnist():
             "ood": ood["classifier.0"]}
 
 
+@needs_pyod
 def test_registry_builds_a_default_knn_detector_with_the_cost_flags():
     score = create_score("pyod")
     assert isinstance(score, PyODScore) and type(score.detector).__name__ == "KNN"
@@ -47,6 +66,7 @@ def test_registry_builds_a_default_knn_detector_with_the_cost_flags():
     assert repr(score) == "PyODScore(detector=KNN)"
 
 
+@needs_pyod
 @pytest.mark.parametrize("make", [lambda: KNN(n_neighbors=7), lambda: LOF(n_neighbors=15),
                                   lambda: IForest(n_estimators=25, random_state=0)])
 def test_scores_equal_the_detector_called_directly_on_numpy_mnist_features(mnist, make):
@@ -59,6 +79,7 @@ def test_scores_equal_the_detector_called_directly_on_numpy_mnist_features(mnist
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_pyod
 def test_pyod_knn_separates_animals_from_digits_as_a_higher_outlier_score(mnist):
     score = PyODScore(KNN()).fit(mnist["fit"])
     test, ood = score.score(mnist["test"]), score.score(mnist["ood"])
@@ -70,6 +91,7 @@ def test_pyod_knn_separates_animals_from_digits_as_a_higher_outlier_score(mnist)
     assert kept < 0.5, kept
 
 
+@needs_pyod
 def test_a_detector_given_fitted_counts_as_fitted_and_scores_without_fit():
     X = torch.randn(100, 5, generator=torch.Generator().manual_seed(1))
     detector = KNN().fit(X.double().numpy())
@@ -79,6 +101,7 @@ def test_a_detector_given_fitted_counts_as_fitted_and_scores_without_fit():
     np.testing.assert_allclose(score(X[:10]).numpy(), expected, rtol=1e-5)
 
 
+@needs_pyod
 def test_unfitted_use_raises_not_fitted_and_nan_rows_score_inf():
     score = PyODScore(KNN())
     with pytest.raises(NotFittedError, match="PyODScore is not fitted yet"):
@@ -93,6 +116,7 @@ def test_unfitted_use_raises_not_fitted_and_nan_rows_score_inf():
         score(torch.randn(2, 6))  # width fixed by fit
 
 
+@needs_pyod
 def test_scores_come_back_on_the_input_dtype():
     score = PyODScore(KNN()).fit(torch.randn(60, 3))
     assert score(torch.randn(5, 3, dtype=torch.float64)).dtype == torch.float64
@@ -106,7 +130,8 @@ def test_missing_pyod_raises_an_import_error_naming_the_extra(monkeypatch):
         PyODScore()
     with pytest.raises(ImportError, match=r"selectorch\[pyod\]"):
         create_score("pyod")
-    PyODScore(KNN())  # a detector given by the user needs no import
+    score = PyODScore(MeanDistance()).fit(torch.randn(30, 3))  # a given detector: no import
+    assert score.is_fitted and score(torch.zeros(1, 3)).shape == (1,)
 
 
 def test_not_a_detector_is_refused_with_its_type():
@@ -114,6 +139,7 @@ def test_not_a_detector_is_refused_with_its_type():
         PyODScore([1, 2])
 
 
+@needs_pyod
 def test_save_refuses_with_a_message_and_state_dict_carries_only_the_threshold(tmp_path):
     score = PyODScore(KNN()).fit(torch.randn(80, 4)).calibrate(torch.randn(40, 4), coverage=0.9)
     with pytest.raises(PersistenceError, match="PyOD detector.*Python object"):
@@ -124,6 +150,18 @@ def test_save_refuses_with_a_message_and_state_dict_carries_only_the_threshold(t
     assert twin.is_calibrated and not twin.is_fitted  # the detector did not travel
 
 
+@needs_pyod
+def test_selective_model_save_refuses_with_the_scores_reason(tmp_path):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    sel = st.SelectiveModel(net, PyODScore(KNN()), layer="0")
+    sel.fit(torch.randn(60, 4), progress=False)
+    sel.calibrate(torch.randn(30, 4), coverage=0.9, progress=False)
+    with pytest.raises(PersistenceError, match=r"Cannot save to '.*sel'.*PyOD detector"):
+        sel.save(tmp_path / "sel")
+    assert not (tmp_path / "sel").exists()
+
+
+@needs_pyod
 def test_compiles_without_fullgraph_with_a_graph_break_and_matches_eager(mnist):
     net = datasets.mnist_net()
     images, labels = datasets.mnist5k()

@@ -580,3 +580,16 @@ def test_evaluate_and_bench_take_recording_caches_without_running_the_model(tmp_
     args += [f"--{name}={tmp_path / name}" for name in splits]
     assert cli_main(["bench", *args]) == 0
     assert "energy" in capsys.readouterr().out
+
+
+def test_deup_fits_from_a_recording_as_from_the_loader_without_running_the_model(tiny):
+    net, x, y = tiny
+    recording = st.record(net, tiny_loader(x, y), layers=["pool"], progress=False)
+    from_loader = st.SelectiveModel(net, st.scores.DEUPScore(), layer="pool")
+    from_loader.fit(tiny_loader(x, y), progress=False)
+    from_record = st.SelectiveModel(net, st.scores.DEUPScore(), layer="pool")
+    counter = Counter(net)
+    from_record.fit(recording, progress=False)
+    assert counter.calls == 0
+    probe = torch.randn(20, 8)
+    torch.testing.assert_close(from_record.score.score(probe), from_loader.score.score(probe))

@@ -6,12 +6,20 @@
 
 from __future__ import annotations
 
-from selectorch.bench.default import DEFAULT_SCORES, BenchSetup, default_setup
+from selectorch.bench.default import (
+    DEFAULT_OPTIONS,
+    DEFAULT_SCORES,
+    MULTI_LAYERS,
+    BenchSetup,
+    default_setup,
+)
 from selectorch.bench.evaluation import BenchError, Data, evaluate
 from selectorch.bench.report import BenchReport, Column
 
 __all__ = [
+    "DEFAULT_OPTIONS",
     "DEFAULT_SCORES",
+    "MULTI_LAYERS",
     "BenchError",
     "BenchReport",
     "BenchSetup",

@@ -22,9 +22,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from selectorch.bench.default import (
+    DEFAULT_OPTIONS,
     DEFAULT_SCORES,
     EMBEDDING_LAYER,
     HEAD,
+    MULTI_LAYERS,
     BenchSetup,
     build_scores,
     default_setup,
@@ -39,6 +41,8 @@ __all__ = ["BenchArgumentError", "add_bench_parser", "guess_head", "parse_scores
 
 #: Arguments that describe the user's own model and data (they need ``--model``).
 _USER_ONLY = ("weights", "train", "val", "test", "ood", "transform", "image_size")
+#: Arguments of the built-in benchmark only (they make no sense with ``--model``).
+_DEFAULT_ONLY = ("small",)
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -53,7 +57,8 @@ def add_bench_parser(sub: Any) -> None:
         help="compare uncertainty scores on a model (no arguments: the built-in MNIST benchmark)",
         description=(
             "Compare uncertainty scores: OOD AUROC / FPR@95, AURC, AUGRC, coverage and risk at "
-            "the calibrated threshold, fit time and throughput. Without --model it runs the "
+            "the calibrated threshold, and the cost: input gradients, forward passes, "
+            "compile-clean, fit time and throughput. Without --model it runs the "
             "built-in benchmark (ccexam MNIST CNN; MNIST vs Fashion-MNIST and Animal-MNIST)."
         ),
     )
@@ -61,7 +66,11 @@ def add_bench_parser(sub: Any) -> None:
     add("--model", help="'torchvision:NAME' (random weights unless --weights) or 'module:function'")
     add("--weights", metavar="FILE", help="state dict to load (torch.load, weights_only=True)")
     add("--layer", help="layer the embedding scores read (default: the final linear layer's input)")
-    add("--head", help="final linear layer, for ViM / ReAct (default: the last nn.Linear)")
+    add("--layers", metavar="A,B,...",
+        help="layers multi-layer scores (dknn, gram) read (default: --layer; built-in: "
+        + "; ".join(f"{k} {','.join(v)}" for k, v in MULTI_LAYERS.items()) + ")")
+    add("--head", help="final linear layer, for ViM / ReAct / GradNorm / SHE (default: the last "
+        "nn.Linear)")
     add("--train", metavar="DIR", help="ImageFolder the scores are fitted on")
     add("--val", metavar="DIR", help="ImageFolder the threshold is calibrated on")
     add("--test", metavar="DIR", help="ImageFolder of in-distribution test images")
@@ -78,24 +87,34 @@ def add_bench_parser(sub: Any) -> None:
     add("--image-size", type=int, default=None, help="center crop size (default 224)")
     add("--transform", metavar="MODULE:FUNCTION",
         help="function returning the image transform (replaces resize / crop / normalise)")
+    add("--small", action="store_true",
+        help="built-in benchmark only: a few hundred rows per split (seconds, for a first look)")
     add("--output", default="selectorch-report", help="report folder (default ./selectorch-report)")
     add("--no-plots", action="store_true", help="write tables only")
 
 
-def parse_scores(spec: str | None) -> dict[str, Score]:
+def parse_scores(
+    spec: str | None, *, defaults: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Score]:
     """``{label: Score}`` from ``"knn,cosine:k=10,energy:temperature=2.0"``.
+
+    Args:
+        spec: The ``--scores`` text; ``None`` for :data:`DEFAULT_SCORES`.
+        defaults: Keyword arguments per registry name, overridden by the options in ``spec``
+            (the built-in benchmark gives ODIN the MNIST std this way).
 
     Raises:
         BenchArgumentError: An unknown score, a bad option or a repeated label.
     """
+    defaults = defaults or {}
     if spec is None:
-        return build_scores(DEFAULT_SCORES)
+        return build_scores(DEFAULT_SCORES, options=defaults)
     scores: dict[str, Score] = {}
     for item in (part.strip() for part in spec.split(",")):
         if not item:
             continue
         name, *options = item.split(":")
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(defaults.get(name, {}))
         for option in options:
             key, sep, text = option.partition("=")
             if not sep or not key:
@@ -292,7 +311,9 @@ def _user_setup(args: argparse.Namespace, scores: dict[str, Score]) -> BenchSetu
     return BenchSetup(
         model=model,
         scores=scores,
-        layer=score_layers(scores, embedding=layer, head_input=layer),
+        layer=score_layers(
+            scores, embedding=layer, head_input=layer, multi=_layer_list(args.layers)
+        ),
         head=head,
         data=data,
         description=f"{args.model}; layer {layer}; head {head}; "
@@ -318,22 +339,38 @@ def _device(spec: str | None) -> torch.device:
     return device
 
 
+def _layer_list(text: str | None) -> list[str] | None:
+    """``--layers A,B`` as a list (``None`` when not given)."""
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise BenchArgumentError(f"--layers: expected comma-separated layer names, got {text!r}")
+    return names
+
+
 def _setup(args: argparse.Namespace) -> BenchSetup:
     if args.batch_size < 1:
         raise BenchArgumentError(f"--batch-size: expected a number >= 1, got {args.batch_size}")
-    scores = parse_scores(args.scores)
     if args.model is not None:
-        return _user_setup(args, scores)
+        given = [f"--{name}" for name in _DEFAULT_ONLY if getattr(args, name)]
+        if given:
+            raise BenchArgumentError(
+                f"{', '.join(given)} is for the built-in benchmark; drop it with --model"
+            )
+        return _user_setup(args, parse_scores(args.scores))
+    scores = parse_scores(args.scores, defaults=DEFAULT_OPTIONS)
     given = [f"--{name.replace('_', '-')}" for name in _USER_ONLY if getattr(args, name)]
     if given:
         raise BenchArgumentError(
             f"{', '.join(given)} need --model (without it the built-in MNIST benchmark runs "
             "on its own data)"
         )
-    setup = default_setup(scores)
+    setup = default_setup(scores, small=args.small)
     layer = args.layer or EMBEDDING_LAYER
     head_input = args.layer or "classifier.1"
-    setup.layer = score_layers(scores, embedding=layer, head_input=head_input)
+    multi = _layer_list(args.layers) or MULTI_LAYERS
+    setup.layer = score_layers(scores, embedding=layer, head_input=head_input, multi=multi)
     setup.head = args.head or HEAD
     return setup
 
@@ -371,6 +408,8 @@ def run_bench(args: argparse.Namespace, out: Callable[[str], None] = print) -> i
     out("")
     out(report.table())
     out("")
+    for line in report.notes():
+        out(line)
     if report.ood_names:
         out(f"best mean AUROC: {report.best('auroc_mean')}")
     out(f"report written to {folder}/ in {time.perf_counter() - started:.1f} s")

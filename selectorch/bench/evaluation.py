@@ -12,7 +12,6 @@ import os
 import platform
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from selectorch._checks import check_fraction, check_int, check_open_fraction
 from selectorch._version import __version__
+from selectorch.bench.entries import Entry, LayerSpec, cost, entries
+from selectorch.bench.live import Scored, check_raw, is_recording, live_scores
 from selectorch.bench.report import BenchReport
 from selectorch.cache import load_cache
 from selectorch.data import module_device
@@ -31,7 +32,6 @@ from selectorch.progress import progress_bar
 from selectorch.record import record
 from selectorch.recorder.layers import get_layer
 from selectorch.scores.base import Score
-from selectorch.scores.registry import create_score
 from selectorch.selective import SelectiveModel, class_predictions
 
 __all__ = ["BenchError", "Data", "evaluate"]
@@ -50,88 +50,6 @@ class BenchError(ValueError):
 
     The message names the score; the original error is chained as ``__cause__``.
     """
-
-
-@dataclass
-class _Entry:
-    """One row of the report: a label, the score and the layer it reads (``None``: logits)."""
-
-    label: str
-    score: Score
-    layer: str | None
-
-
-def _score_label(score: Score) -> str:
-    return score.registry_name or type(score).__name__
-
-
-def _entries(
-    scores: Sequence[str | Score] | Mapping[str, str | Score],
-    layer: str | Mapping[str, str | None] | None,
-) -> list[_Entry]:
-    """Normalise ``scores`` and ``layer`` to one entry per score, labels unique."""
-    if isinstance(scores, (str, Score)):
-        scores = [scores]
-    if isinstance(scores, Mapping):
-        items = [(str(label), value) for label, value in scores.items()]
-    elif isinstance(scores, Sequence):
-        items = [(v if isinstance(v, str) else None, v) for v in scores]
-    else:
-        raise TypeError(
-            "Expected argument `scores` to be a list of score names or Score instances, or a "
-            f"dict label -> score, got {type(scores).__name__}."
-        )
-    if not items:
-        raise ValueError("Expected argument `scores` to hold at least one score, got none.")
-    entries: list[_Entry] = []
-    for label, value in items:
-        score = create_score(value) if isinstance(value, str) else value
-        if not isinstance(score, Score):
-            raise TypeError(
-                f"Expected every score to be a score name or a selectorch Score, got "
-                f"{type(value).__name__} ({value!r})."
-            )
-        label = label or _score_label(score)
-        if any(e.label == label for e in entries):
-            raise ValueError(
-                f"Score label {label!r} appears twice in `scores`; pass a dict "
-                "{label: score} to tell them apart."
-            )
-        entries.append(_Entry(label, score, _layer_for(label, score, layer)))
-    return entries
-
-
-def _layer_for(
-    label: str, score: Score, layer: str | Mapping[str, str | None] | None
-) -> str | None:
-    """The layer a score reads: per label from a dict, ``layer`` for embedding scores, else None."""
-    if isinstance(layer, Mapping):
-        if label in layer:
-            return layer[label]
-        if score.input == "embedding":
-            raise ValueError(
-                f"Score {label!r} scores embeddings, but argument `layer` has no entry for it "
-                f"(it has {sorted(layer)})."
-            )
-        return None
-    if layer is not None and not isinstance(layer, str):
-        raise TypeError(
-            f"Expected argument `layer` to be a layer name, a dict label -> layer name or None, "
-            f"got {layer!r}."
-        )
-    if score.input == "multi":
-        raise ValueError(
-            f"Score {label!r} is a FusionScore; evaluate compares single-input scores (fit a "
-            "FusionScore with SelectiveModel instead)."
-        )
-    if score.input == "embedding":
-        if layer is None:
-            raise ValueError(
-                f"Score {label!r} scores embeddings: pass layer=... naming the layer to record "
-                "(see selectorch.list_layers(model)), or a dict label -> layer."
-            )
-        return layer
-    return None  # logit scores read the model's logits
 
 
 def _loader(data: Any, name: str, batch_size: int) -> Any:
@@ -259,71 +177,111 @@ def _ood_metrics(
     return row
 
 
-def _evaluate_entry(
+def _recorded_scores(
     model: nn.Module,
-    entry: _Entry,
+    entry: Entry,
     recordings: Mapping[str, TensorDictBase],
     ood_names: list[str],
     *,
     head: str | None,
     target: dict[str, Any],
-    tpr: float,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fit, calibrate and score one entry from the recordings; return its row and raw scores."""
+) -> Scored:
+    """Fit, calibrate and score one entry from the recordings (the model does not run)."""
     score = entry.score
     needs_head = bool(getattr(score, "needs_head", False))
-    sel = None
+    sel = SelectiveModel(model, score, layer=entry.layer, head=head if needs_head else None)
     try:
-        sel = SelectiveModel(model, score, layer=entry.layer, head=head if needs_head else None)
         if head is not None and not needs_head and hasattr(score, "set_head"):
             _set_head(model, sel.score, head)
+        device = module_device(model)
         start = time.perf_counter()
-        sel.fit(recordings["fit"], progress=False)
+        if getattr(score, "needs_losses", False):  # DEUP learns the model's loss on `fit`
+            _fit_on_losses(sel.score, recordings["fit"], entry, device)
+        else:
+            sel.fit(recordings["fit"], progress=False)
         fit_s = time.perf_counter() - start
         sel.calibrate(recordings["calibrate"], progress=False, **target)
-        key = entry.layer or "logits"
-        device = module_device(model)
-        inputs = {"test": recordings["test"]}
-        inputs.update({name: recordings[f"ood:{name}"] for name in ood_names})
+        splits = {"test": recordings["test"]}
+        splits.update({name: recordings[f"ood:{name}"] for name in ood_names})
+        scores, selected = {}, {}
         start = time.perf_counter()
-        scored = {
-            name: sel.score.score(_plain(rec[key]).to(device)).cpu() for name, rec in inputs.items()
-        }
+        for name, rec in splits.items():
+            inputs, preds = _score_inputs(rec, entry, device)
+            kwargs = {"preds": preds} if getattr(score, "needs_preds", False) else {}
+            scores[name] = sel.score.score(inputs, **kwargs).cpu()
+            per_class = preds is not None and sel.threshold_.ndim == 1
+            selected[name] = sel.score.selected(scores[name], preds.cpu() if per_class else None)
         score_s = time.perf_counter() - start
-        selected = {name: sel.score.selected(s) for name, s in scored.items()}
         threshold = sel.get_threshold() if sel.threshold_.ndim == 0 else _nan()
-    except Exception as err:
-        raise BenchError(f"Score {entry.label!r} failed: {type(err).__name__}: {err}") from err
     finally:
-        if sel is not None:
-            sel.close()
-    rows = sum(s.numel() for s in scored.values())
-    correct = _correct(recordings["test"], score)
-    row: dict[str, Any] = {"score": entry.label, "layer": entry.layer or "logits"}
-    row.update(_risk_metrics(scored["test"], selected["test"], correct))
+        sel.close()
+    return Scored(
+        scores=scores,
+        selected=selected,
+        correct=_correct(recordings["test"], score),
+        calibration=sel.score.calibration_scores_.detach().cpu(),
+        threshold=threshold,
+        fit_s=fit_s,
+        score_s=score_s,
+    )
+
+
+def _fit_on_losses(
+    score: Score, rec: TensorDictBase, entry: Entry, device: torch.device
+) -> None:
+    """Fit a loss predictor (DEUP) on the recorded features and the model's per-sample loss."""
+    labels = rec.get("labels", None)
+    if labels is None:
+        raise ValueError(
+            f"{type(score).__name__} learns the model's per-sample loss: `fit` needs labels."
+        )
+    logits = _plain(rec["logits"]).to(device).float()
+    losses = torch.nn.functional.cross_entropy(
+        logits, _plain(labels).to(device).long(), reduction="none"
+    )
+    score.fit(_plain(rec[entry.layer or "logits"]).to(device), losses)
+
+
+def _score_inputs(
+    rec: TensorDictBase, entry: Entry, device: torch.device
+) -> tuple[Any, torch.Tensor | None]:
+    """What the score reads from a recording, and the model's predicted classes."""
+    logits = _plain(rec["logits"]).to(device)
+    if entry.score.input == "multi":
+        inputs: Any = {name: _plain(rec[name]).to(device) for name in entry.layers}
+        inputs["logits"] = logits
+    else:
+        inputs = _plain(rec[entry.layer or "logits"]).to(device)
+    preds, _ = class_predictions(logits, logits.shape[0], entry.score)
+    return inputs, preds
+
+
+def _row(entry: Entry, result: Scored, ood_names: list[str], tpr: float) -> dict[str, Any]:
+    """The report's row of one score: risk, OOD and cost columns."""
+    scored, correct = result.scores, result.correct
+    row: dict[str, Any] = {"score": entry.label, "layer": entry.layer_label}
+    row.update(_risk_metrics(scored["test"], result.selected["test"], correct))
     row.update(
-        _ood_metrics(scored["test"], {n: scored[n] for n in ood_names}, selected, tpr)
+        _ood_metrics(
+            scored["test"], {n: scored[n] for n in ood_names}, result.selected, tpr
+        )
     )
     if ood_names and correct is not None:
         # a deployment stream of test and OOD samples, where every OOD prediction is wrong
         stream = torch.cat([scored[name] for name in ("test", *ood_names)])
         loss = torch.cat([(~correct).double(), torch.ones(stream.numel() - correct.numel())])
         row["aurc_open"] = aurc(stream, loss).item()
+    rows = sum(s.numel() for s in scored.values())
+    row["threshold"] = result.threshold
+    row.update(cost(entry.score))
     row.update(
         {
-            "threshold": threshold,
-            "fit_s": fit_s,
-            "score_rows_per_s": rows / score_s if score_s > 0 else math.inf,
+            "fit_s": result.fit_s,
+            "score_rows_per_s": rows / result.score_s if result.score_s > 0 else math.inf,
+            "rate_includes_model": entry.live is not None,
         }
     )
-    raw = {
-        "calibration": sel.score.calibration_scores_.detach().cpu(),
-        "test": scored["test"],
-        "ood": {name: scored[name] for name in ood_names},
-        "correct": correct,
-        "threshold": threshold,
-    }
-    return row, raw
+    return row
 
 
 def evaluate(
@@ -334,7 +292,7 @@ def evaluate(
     calibrate: Data,
     test: Data,
     ood: Mapping[str, Data] | None = None,
-    layer: str | Mapping[str, str | None] | None = None,
+    layer: str | Mapping[str, LayerSpec] | None = None,
     head: str | None = None,
     coverage: float | None = 0.95,
     risk: float | None = None,
@@ -349,7 +307,14 @@ def evaluate(
     the scores read, the logits and the labels, and every score is fitted on ``fit``,
     calibrated on ``calibrate`` (for ``coverage``, or for ``risk`` with confidence
     ``1 - delta``) and scored on ``test`` and each ``ood`` set from those recordings. Scores
-    that need labels (Mahalanobis) take them from the recording of ``fit``.
+    that need labels (Mahalanobis) take them from the recording of ``fit``; scores that work
+    on the predicted class (Trust, class-wise kNN) get the recorded logits' argmax.
+
+    Scores that cannot be fitted from a recording run the model themselves, through a
+    :class:`~selectorch.SelectiveModel` on the raw data, as in deployment: those that need
+    input gradients (``requires_grad``, e.g. ODIN), several forward passes (``passes > 1``)
+    or their own pooling of the layers (a ``pool`` attribute, e.g. Gram). They need the raw
+    data: recordings given for any split are refused for them with a ``ValueError``.
 
     Metrics of each score (the report's rows; see :class:`~selectorch.BenchReport`):
 
@@ -362,9 +327,12 @@ def evaluate(
       together, where a prediction on an OOD sample always counts as wrong;
     * ``coverage``, ``risk``: fraction kept and error rate among kept ``test`` samples at the
       calibrated ``threshold``;
-    * ``fit_s``: seconds to fit from the recording; ``score_rows_per_s``: rows scored per
-      second from recorded features (the model's forward pass is not included; the recording
-      speed of each dataset is in ``report.meta["splits"]``).
+    * cost: ``requires_grad``, ``passes`` and ``compile_clean`` (the score's class
+      attributes); ``fit_s``: seconds of ``fit``; ``score_rows_per_s``: rows of ``test`` and
+      the OOD sets scored per second; ``rate_includes_model``: whether those two include the
+      model's passes. They do for the scores that run the model (``True``); for the others
+      they measure the score alone on recorded features, and the recording speed of each
+      dataset (one forward pass) is in ``report.meta["splits"]``.
 
     Args:
         model: The classifier, any ``nn.Module`` returning logits (not compiled).
@@ -377,10 +345,12 @@ def evaluate(
         test: In-distribution test data, with labels for accuracy and the risk metrics.
         ood: ``{name: data}`` out-of-distribution sets; labels, if any, are ignored.
         layer: The layer embedding scores read (a name from :func:`selectorch.list_layers`),
-            or a dict ``{label: layer}`` per score (``None`` for logits). Logit scores read the
-            model's logits unless the dict names a layer for them.
-        head: Name of the final linear layer, for scores that re-apply it (ViM, ReAct, ASH)
-            or compute losses with it (DEUP); their ``layer`` must be the head's input.
+            or a dict ``{label: layer}`` per score: a name, a list of names for multi-layer
+            scores (``{"dknn": ["features.5", "classifier.0"]}``), or ``None`` for logits.
+            Logit scores read the model's logits unless the dict names a layer for them.
+        head: Name of the final linear layer, for scores that re-apply it (ViM, ReAct, ASH,
+            GradNorm, SHE) or compute losses with it (DEUP); their ``layer`` must be the
+            head's input.
         coverage: Target coverage of the calibrated threshold, in (0, 1].
         risk: Target selective risk instead of ``coverage`` (needs labels in ``calibrate``).
         delta: Failure probability allowed for the ``risk`` target.
@@ -393,7 +363,8 @@ def evaluate(
         ``.save(dir)``.
 
     Raises:
-        ValueError: Bad arguments, a missing layer, data without logits, OOD names that clash.
+        ValueError: Bad arguments, a missing layer, data without logits, OOD names that clash,
+            recordings for a score that must run the model.
         BenchError: A score failed to fit, calibrate or score; the message names it.
 
     Example:
@@ -406,8 +377,10 @@ def evaluate(
         ...                   progress=False)
         >>> [row["score"] for row in report.rows], "auroc:noise" in report.rows[0]
         (['knn', 'energy'], True)
+        >>> report.rows[0]["passes"], report.rows[0]["rate_includes_model"]
+        (1, False)
     """
-    entries = _entries(scores, layer)
+    todo = entries(scores, layer)
     check_int("batch_size", batch_size)
     tpr = check_fraction("tpr", tpr)
     if (coverage is None) == (risk is None):
@@ -429,35 +402,57 @@ def evaluate(
                 f"Expected the keys of `ood` to be non-empty names other than {_ID_SPLITS}, "
                 f"got {name!r}."
             )
-    layers = sorted({e.layer for e in entries if e.layer is not None})
-    for name in layers:
+    datasets = {"fit": fit, "calibrate": calibrate, "test": test}
+    datasets.update({f"ood:{name}": data for name, data in ood.items()})
+    check_raw(todo, datasets)  # before anything runs
+    recorded = [e for e in todo if e.live is None]
+    layers = sorted({name for e in recorded for name in e.layers})
+    for name in sorted({name for e in todo for name in e.layers}):
         get_layer(model, name)  # an unknown layer fails here, before any data is recorded
     if head is not None:
         get_layer(model, head)
 
     started = time.perf_counter()
-    datasets = {"fit": fit, "calibrate": calibrate, "test": test}
-    datasets.update({f"ood:{name}": data for name, data in ood.items()})
     bar = progress_bar(
-        desc="bench", total=len(datasets) + len(entries), unit="step", enabled=progress,
+        desc="bench", total=len(datasets) + len(todo), unit="step", enabled=progress,
         leave=True,
     )
     recordings: dict[str, TensorDictBase] = {}
     splits: dict[str, dict[str, Any]] = {}
+    loaders: dict[str, Any] = {}
     try:
         for name, data in datasets.items():
             bar.set_postfix_str(f"record {name}")
+            if not is_recording(data):  # the loader is kept for the scores that run the model
+                data = loaders[name.removeprefix("ood:")] = _loader(data, name, batch_size)
             recordings[name], splits[name] = _record_split(
                 model, data, name, layers, batch_size=batch_size, progress=progress
             )
             bar.update()
         rows, raw = [], {}
-        for entry in entries:
+        for entry in todo:
             bar.set_postfix_str(f"score {entry.label}")
-            row, raw[entry.label] = _evaluate_entry(
-                model, entry, recordings, list(ood), head=head, target=target, tpr=tpr
-            )
-            rows.append(row)
+            try:
+                if entry.live is None:
+                    result = _recorded_scores(
+                        model, entry, recordings, list(ood), head=head, target=target
+                    )
+                else:
+                    result = live_scores(
+                        model, entry, loaders, head=head, target=target, batch_size=batch_size
+                    )
+            except Exception as err:
+                raise BenchError(
+                    f"Score {entry.label!r} failed: {type(err).__name__}: {err}"
+                ) from err
+            rows.append(_row(entry, result, list(ood), tpr))
+            raw[entry.label] = {
+                "calibration": result.calibration,
+                "test": result.scores["test"],
+                "ood": {name: result.scores[name] for name in ood},
+                "correct": result.correct,
+                "threshold": result.threshold,
+            }
             bar.update()
     finally:
         bar.close()

@@ -33,6 +33,18 @@ def _rate(value: float) -> str:
     return f"{value:,.0f}"
 
 
+def _count(value: float) -> str:
+    return f"{value:g}"
+
+
+#: Cost columns, shown when the rows have them: the score's class attributes, then timings.
+_COST = (
+    ("requires_grad", "input\ngrad"),
+    ("passes", "passes"),
+    ("compile_clean", "full\ngraph"),
+)
+
+
 @dataclass(frozen=True)
 class Column:
     """A column of the report's table.
@@ -59,7 +71,10 @@ class BenchReport:
         rows: One dict of plain values per score, in the order given: ``score``, ``layer``,
             ``accuracy``, ``auroc:NAME``, ``fpr:NAME``, ``kept:NAME`` per OOD set,
             ``auroc_mean``, ``fpr_mean``, ``aurc``, ``augrc``, ``aurc_open``, ``coverage``,
-            ``risk``, ``threshold``, ``fit_s``, ``score_rows_per_s``.
+            ``risk``, ``threshold``, the cost: ``requires_grad``, ``passes``,
+            ``compile_clean`` (the score's class attributes), ``fit_s``,
+            ``score_rows_per_s`` and ``rate_includes_model`` (whether the model's passes are
+            in those timings: yes for scores that run the model on the raw data).
         meta: The setting: model, device, calibration target, OOD set names, rows and
             recording time per dataset, total seconds, versions.
         raw: Per score the tensors behind the rows: ``calibration`` (sorted calibration
@@ -106,10 +121,39 @@ class BenchReport:
             Column("augrc", "AUGRC", _small, higher_is_better=False),
             Column("coverage", "coverage"),
             Column("risk", "risk", higher_is_better=False),
+        ]
+        cols += [
+            Column(key, header, _count) for key, header in _COST
+            if any(key in row for row in self.rows)
+        ]
+        cols += [
             Column("fit_s", "fit s", _seconds, higher_is_better=False),
             Column("score_rows_per_s", "scored\nrows/s", _rate, higher_is_better=True),
         ]
+        if any("rate_includes_model" in row for row in self.rows):
+            cols.append(Column("rate_includes_model", "rate incl.\nmodel"))
         return cols
+
+    def notes(self) -> list[str]:
+        """What the cost columns count, one sentence each (empty for reports without them)."""
+        if not any("rate_includes_model" in row for row in self.rows):
+            return []
+        lines = [
+            "input grad: the score needs gradients w.r.t. the input; passes: forward passes of "
+            "the model per batch; full graph: torch.compile(fullgraph=True) gives one graph.",
+            "fit s and scored rows/s: with 'rate incl. model' = yes they include the model's "
+            "passes (the score runs the model itself on the raw data); with 'no' they time "
+            "the score alone on recorded features.",
+        ]
+        splits = self.meta.get("splits", {})
+        rates = [info.get("rows_per_s") for info in splits.values()]
+        rates = [r for r in rates if isinstance(r, (int, float)) and math.isfinite(r)]
+        if rates:
+            lines.append(
+                f"Recording (one forward pass of the model) ran at {min(rates):,.0f} to "
+                f"{max(rates):,.0f} rows/s over the splits (report.meta['splits'])."
+            )
+        return lines
 
     def _cells(self) -> tuple[list[str], list[list[str]], list[bool]]:
         cols = self.columns()
@@ -118,7 +162,9 @@ class BenchReport:
             cells = []
             for col in cols:
                 value = row.get(col.key)
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if isinstance(value, bool):
+                    cells.append("yes" if value else "no")
+                elif isinstance(value, (int, float)):
                     cells.append(col.fmt(value) if math.isfinite(value) else str(value))
                 else:
                     cells.append("" if value is None else str(value))
@@ -157,6 +203,9 @@ class BenchReport:
         lines = [self.summary(), ""] if "splits" in self.meta else []
         header = [h.replace("\n", " ") for h in header]
         lines += ["| " + " | ".join(cells) + " |" for cells in (header, align, *body)]
+        notes = self.notes()
+        if notes:
+            lines += ["", *notes]
         return "\n".join(lines)
 
     def summary(self) -> str:

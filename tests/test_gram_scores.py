@@ -22,6 +22,7 @@ from selectorch.functional.gram import (
 )
 from selectorch.functional.ranking import auroc
 from selectorch.scores import GramScore, create_score
+from selectorch.scores.gram import held_out_rows
 
 # ============================== references ====================================================
 
@@ -50,16 +51,19 @@ def loop_deviation(v: float, low: float, high: float) -> float:
 
 
 def loop_gram_score(fit: dict, query: dict, fraction: float) -> list[float]:
-    """Ranges per predicted class on the first rows (all rows for a class none predicts), each
-    layer's mean deviation on the last ``fraction`` of them, and the normalised sum of layers."""
+    """Ranges per predicted class on the kept rows (all kept rows for a class none predicts),
+    each layer's mean deviation on the held-out rows (every 1/fraction-th row: i is held out
+    when floor((i + 1) f) > floor(i f)), and the normalised sum of layers."""
     layers = [key for key in fit if key != "logits"]
     n = fit["logits"].shape[0]
-    n_fit = n - max(1, round(n * fraction))
+    held_rows = [i for i in range(n) if math.floor((i + 1) * fraction) > math.floor(i * fraction)]
+    held_rows = held_rows or [n - 1]
+    kept_rows = [i for i in range(n) if i not in held_rows]
     n_classes = fit["logits"].shape[1]
     predicted = [int(row.argmax()) for row in fit["logits"]]
     ranges = {}
     for c in range(n_classes):
-        rows = [i for i in range(n_fit) if predicted[i] == c] or list(range(n_fit))
+        rows = [i for i in kept_rows if predicted[i] == c] or kept_rows
         for layer in layers:
             for k in range(fit[layer].shape[1]):
                 values = [float(fit[layer][i, k]) for i in rows]
@@ -75,7 +79,7 @@ def loop_gram_score(fit: dict, query: dict, fraction: float) -> list[float]:
             for layer in layers
         }
 
-    held = [layer_deviations(fit, i) for i in range(n_fit, n)]
+    held = [layer_deviations(fit, i) for i in held_rows]
     normalizer = {layer: max(sum(d[layer] for d in held) / len(held), 1e-6) for layer in layers}
     out = []
     for i in range(query["logits"].shape[0]):
@@ -268,3 +272,11 @@ def test_selective_model_records_gram_features_with_the_scores_pool():
     )
     query = {key: feats[key][150:166] for key in GRAM_LAYERS} | {"logits": logits[150:166]}
     torch.testing.assert_close(out.score, alone(query), rtol=1e-4, atol=1e-4)
+
+
+def test_held_out_rows_are_evenly_spaced_so_sorted_classes_split_alike():
+    held = held_out_rows(1000, 0.2)
+    assert int(held.sum()) == 200
+    labels = torch.arange(1000) // 100  # ten classes, sorted
+    assert torch.bincount(labels[held], minlength=10).tolist() == [20] * 10
+    assert held_out_rows(3, 0.1).tolist() == [False, False, True]  # at least one row

@@ -188,3 +188,20 @@ def test_drop_nonfinite_drops_a_row_bad_in_one_layer_only():
         sel.fit(x, progress=False, drop_nonfinite=True)
     clean = by_hand(sel.model, torch.cat([x[:3], x[4:]]))
     torch.testing.assert_close(sel.score.means_[:4], clean["block1"].mean(0))
+
+
+def test_fit_names_the_layer_with_nan_rows_whatever_the_key_order():
+    # the logits key first: the features are not in the dict's key order
+    X = {"logits": torch.randn(20, 3), "a": torch.rand(20, 4), "b": torch.rand(20, 5)}
+    X["b"][3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"`X\['b'\]` has 1 of 20 rows with NaN"):
+        MeanDistance().fit(X)
+
+
+def test_logits_on_another_device_than_the_state_are_refused_by_name():
+    X = {"a": torch.rand(20, 4), "b": torch.rand(20, 5), "logits": torch.randn(20, 3)}
+    score = MeanDistance().fit(X)
+    query = {"a": torch.rand(4, 4), "b": torch.rand(4, 5), "logits": torch.randn(4, 3)}
+    query["logits"] = query["logits"].to("meta")  # a device other than the state's
+    with pytest.raises(ValueError, match=r"`X\['logits'\]` on cpu, .* got a tensor on meta"):
+        score(query)

@@ -18,6 +18,22 @@ from selectorch.scores.layers import LayerScore
 from selectorch.scores.registry import register_score
 
 
+def held_out_rows(n: int, fraction: float, device: torch.device | None = None) -> torch.Tensor:
+    """``(n,)`` bool: ``floor(n * fraction)`` evenly spaced rows (at least one, never all).
+
+    Row ``i`` is held out when ``floor((i + 1) * fraction) > floor(i * fraction)``, so the
+    held-out rows are spread over the data rather than taken from its end.
+
+    Example:
+        >>> held_out_rows(10, 0.2).nonzero().flatten().tolist()
+        [4, 9]
+    """
+    idx = torch.arange(n, device=device, dtype=torch.float64)
+    held = torch.floor((idx + 1) * fraction) > torch.floor(idx * fraction)
+    if not held.any():
+        held[-1] = True
+    return held
+
 @register_score("gram")
 class GramScore(LayerScore):
     """Deviation of Gram-matrix statistics from their per-class training ranges, over layers.
@@ -31,12 +47,12 @@ class GramScore(LayerScore):
     dict ``{layer: (N, P * C_l) Gram features, ..., "logits": (N, K)}``.
 
     ``fit(X)`` uses the predicted class ``argmax(logits)`` of every row (as the paper; labels
-    ``y`` are not used). The last ``normalize_fraction`` of the rows is held out; on the others
-    it keeps, per predicted class, the minimum and maximum of every Gram feature. A value
-    deviates by ``0`` inside its range and by ``(min - v) / |min|`` or ``(v - max) / |max|``
-    outside (see :mod:`selectorch.functional.gram`); a layer's deviation, summed over powers and
-    channels, is divided by its mean on the held-out rows; the score is the sum over layers.
-    The held-out rows are the *last* ones: pass the rows in random order, not sorted by class.
+    ``y`` are not used). Every ``1 / normalize_fraction``-th row (evenly spaced, so that data
+    sorted by class is split alike) is held out; on the others it keeps, per predicted class,
+    the minimum and maximum of every Gram feature. A value deviates by ``0`` inside its range
+    and by ``(min - v) / |min|`` or ``(v - max) / |max|`` outside (see
+    :mod:`selectorch.functional.gram`); a layer's deviation, summed over powers and channels,
+    is divided by its mean on the held-out rows; the score is the sum over layers.
     A class predicted by no fitting row is judged against the range of all rows. Scoring is
     ``O(B * sum_l P C_l)`` after the pooling, which costs ``O(P C_l S_l)`` per layer and sample
     (``S_l`` spatial positions). Compile-clean.
@@ -97,20 +113,18 @@ class GramScore(LayerScore):
         self, features: list[torch.Tensor], logits: torch.Tensor, y: torch.Tensor | None
     ) -> None:
         n = logits.shape[0]
-        n_held = max(1, round(n * self.normalize_fraction))
-        if n - n_held < 1:
+        if n < 2:
             raise ValueError(
-                f"{type(self).__name__} needs at least 2 rows to fit: the ranges come from the "
-                f"first rows and each layer's mean deviation from the last normalize_fraction="
-                f"{self.normalize_fraction} (at least one row), got {n}."
+                f"{type(self).__name__} needs at least 2 rows to fit: the ranges come from some "
+                f"rows and each layer's mean deviation from the held-out normalize_fraction="
+                f"{self.normalize_fraction} of them (at least one row), got {n}."
             )
+        held_out = held_out_rows(n, self.normalize_fraction, logits.device)
         X = torch.cat(features, dim=1)
         classes = logits.argmax(dim=1)
-        ranges = gram_ranges(X[: n - n_held], classes[: n - n_held], logits.shape[1])
+        ranges = gram_ranges(X[~held_out], classes[~held_out], logits.shape[1])
         dims = [f.shape[1] for f in features]
-        held = gram_deviations(
-            X[n - n_held :], classes[n - n_held :], ranges.mins, ranges.maxs, dims
-        )
+        held = gram_deviations(X[held_out], classes[held_out], ranges.mins, ranges.maxs, dims)
         self._set_buffer("mins_", ranges.mins)
         self._set_buffer("maxs_", ranges.maxs)
         self._set_buffer("class_counts_", ranges.counts)

@@ -109,10 +109,11 @@ class LayerScore(Score):
                         f"Expected `{name}[{key!r}]` to have {dim} features per row, as when "
                         f"{type(self).__name__} was fitted, got {f.shape[1]}."
                     )
-                if f.device != state.device:
+            for key, t in zip([*order, LOGITS], [*features, logits], strict=True):
+                if t.device != state.device:
                     raise ValueError(
                         f"Expected argument `{name}[{key!r}]` on {state.device}, where the "
-                        f"fitted state of {type(self).__name__} is, got a tensor on {f.device}."
+                        f"fitted state of {type(self).__name__} is, got a tensor on {t.device}."
                     )
         return features, logits
 
@@ -151,7 +152,9 @@ class LayerScore(Score):
         features, logits = self._inputs(X, fitting=True)
         if logits.shape[0] == 0:
             raise ValueError("Expected argument `X` to hold at least one row, got none.")
-        for key, f in zip(X, features, strict=False):
+        # `features` follow the layer keys of X (the logits' key, wherever it is, excluded)
+        names = [str(key) for key in X if key != LOGITS]
+        for key, f in zip(names, features, strict=True):
             check_finite_rows(f"X[{key!r}]", f)
         check_finite_rows("X['logits']", logits)
         if y is not None:
@@ -161,7 +164,7 @@ class LayerScore(Score):
         dtype = self.threshold_.dtype
         features = [f.to(device=device, dtype=dtype) for f in features]
         logits = logits.to(dtype)
-        self.layers_ = [str(key) for key in X if key != LOGITS]
+        self.layers_ = names
         self._set_buffer("dims_", torch.tensor([f.shape[1] for f in features], device=device))
         self._fit_layers(features, logits, None if y is None else y.to(device))
         self._refresh_derived()

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 import torch
 import torch.nn.functional as F
 
-from selectorch._checks import check_choice, check_finite_rows, check_int
-from selectorch.calibration import check_target
+from selectorch._checks import check_choice, check_int
 from selectorch.functional.classwise import (
     DEFAULT_CLASS_CHUNK_SIZE,
     class_banks,
@@ -18,13 +15,14 @@ from selectorch.functional.classwise import (
 from selectorch.functional.distances import METRICS
 from selectorch.functional.knn import STATS
 from selectorch.functional.outliers import check_outlier_q, inlier_rows, leave_one_out_knn_score
-from selectorch.scores.base import Score, fail_closed
+from selectorch.scores.base import Score
 from selectorch.scores.mahalanobis import check_labels
+from selectorch.scores.predicted import PredictedClassMixin
 from selectorch.scores.registry import register_score
 
 
 @register_score("classwise_knn")
-class ClassWiseKNNScore(Score):
+class ClassWiseKNNScore(PredictedClassMixin, Score):
     """kNN distance to the reference rows of the sample's predicted class (seapig's class-wise
     scores).
 
@@ -79,8 +77,6 @@ class ClassWiseKNNScore(Score):
 
     input = "embedding"
     fitted_buffers = ("bank_", "means_")
-    #: The score needs each sample's predicted class: call :meth:`score_with_preds`.
-    needs_preds: ClassVar[bool] = True
 
     bank_: torch.Tensor
     means_: torch.Tensor
@@ -201,151 +197,6 @@ class ClassWiseKNNScore(Score):
     def predicted_classes(self, X: torch.Tensor) -> torch.Tensor:
         """``(N,)`` class whose reference mean is nearest to each row (used when no ``preds``)."""
         return nearest_class(X, self.means_, self.metric)
-
-    def _check_preds(self, preds: Any, n: int, device: torch.device) -> torch.Tensor:
-        if (
-            not isinstance(preds, torch.Tensor)
-            or preds.shape != (n,)
-            or preds.is_floating_point()
-            or preds.is_complex()
-            or preds.dtype == torch.bool
-        ):
-            got = (
-                f"shape {tuple(preds.shape)} and dtype {preds.dtype}"
-                if isinstance(preds, torch.Tensor)
-                else type(preds).__name__
-            )
-            raise ValueError(
-                f"Expected argument `preds` to be an ({n},) integer tensor of predicted "
-                f"classes (one per row of `X`), got {got}."
-            )
-        return preds.to(device)
-
-    def _classes(self, X: torch.Tensor, preds: Any) -> torch.Tensor:
-        if preds is None:
-            return self.predicted_classes(X)
-        return self._check_preds(preds, X.shape[0], X.device)
-
-    def score_with_preds(self, X: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
-        """Scores against the banks of the given predicted classes (compile-clean).
-
-        Args:
-            X: ``(B, D)`` embeddings.
-            preds: ``(B,)`` integer predicted classes (the model's ``argmax``); a class outside
-                ``[0, C)`` scores ``+inf``.
-
-        Returns:
-            ``(B,)`` scores; rows with NaN or Inf score ``+inf``.
-
-        Raises:
-            NotFittedError: ``fit`` was not called.
-            ValueError: ``X`` or ``preds`` has the wrong shape, dtype or device.
-        """
-        self._check_fitted()
-        X = self._check_input(X)
-        preds = self._check_preds(preds, X.shape[0], X.device)
-        return fail_closed(self._score_classes(X, preds), X)
-
-    @torch.no_grad()
-    def score(
-        self, X: torch.Tensor, *, batch_size: int = 4096, preds: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Scores of many rows, ``batch_size`` at a time, against their predicted classes.
-
-        Args:
-            X: ``(N, D)`` embeddings.
-            batch_size: Rows per step, bounding memory.
-            preds: ``(N,)`` predicted classes; the nearest class mean if ``None``.
-
-        Returns:
-            ``(N,)`` scores.
-        """
-        check_int("batch_size", batch_size)
-        self._check_fitted()
-        X = self._check_input(X)
-        classes = self._classes(X, preds)
-        if X.shape[0] == 0:
-            return self.score_with_preds(X, classes)
-        return torch.cat(
-            [
-                self.score_with_preds(x, c)
-                for x, c in zip(X.split(batch_size), classes.split(batch_size), strict=True)
-            ]
-        )
-
-    def select(self, X: torch.Tensor, preds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Score ``X`` against its predicted classes and decide which rows to keep.
-
-        Args:
-            X: ``(N, D)`` embeddings.
-            preds: ``(N,)`` predicted classes, used for the search and for per-class thresholds;
-                the nearest class mean if ``None``.
-
-        Returns:
-            ``{"score": (N,) float, "selected": (N,) bool}``.
-        """
-        self._check_calibrated()
-        self._check_fitted()
-        X = self._check_input(X)
-        classes = self._classes(X, preds)
-        if self.threshold_.ndim == 1 and classes.numel():
-            n = self.threshold_.shape[0]
-            if not bool(((classes >= 0) & (classes < n)).all()):
-                raise ValueError(
-                    f"Expected argument `preds` to hold classes in [0, {n}) (one threshold per "
-                    f"class was calibrated), got values from {int(classes.min())} to "
-                    f"{int(classes.max())}."
-                )
-        scores = self.score(X, preds=classes)
-        return {"score": scores, "selected": self.selected(scores, classes)}
-
-    @torch.no_grad()
-    def calibrate(
-        self,
-        X: torch.Tensor,
-        *,
-        coverage: float | None = None,
-        risk: float | None = None,
-        delta: float = 0.1,
-        correct: torch.Tensor | None = None,
-        losses: torch.Tensor | None = None,
-        preds: torch.Tensor | None = None,
-        per_class: bool = False,
-        num_classes: int | None = None,
-        bound: str = "clopper-pearson",
-        method: str = "sgr",
-    ) -> ClassWiseKNNScore:
-        """Set the threshold from held-out data scored against their predicted classes.
-
-        As :meth:`Score.calibrate`, except that ``preds`` also chooses the bank each row is
-        searched in (the nearest class mean if ``None``, for scoring and for ``per_class``).
-        With ``per_class``, ``num_classes`` defaults to the number of class banks.
-
-        Returns:
-            ``self``.
-        """
-        check_target(coverage, risk, delta, bound, method)
-        self._check_fitted()
-        X = self._check_input(X)
-        if X.shape[0] == 0:
-            raise ValueError("Expected argument `X` to hold calibration rows, got an empty tensor.")
-        check_finite_rows("X", X)
-        classes = self._classes(X, preds)
-        if per_class and num_classes is None:
-            num_classes = max(self.num_classes, int(classes.max()) + 1)
-        return self.calibrate_scores(
-            self.score(X, preds=classes),
-            coverage=coverage,
-            risk=risk,
-            delta=delta,
-            correct=correct,
-            losses=losses,
-            preds=classes,
-            per_class=per_class,
-            num_classes=num_classes,
-            bound=bound,
-            method=method,
-        )
 
     def extra_repr(self) -> str:
         q = f", outlier_q={self.outlier_q}" if self.outlier_q else ""

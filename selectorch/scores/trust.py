@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
-from selectorch._checks import check_finite_rows, check_int
-from selectorch.calibration import check_target
+from selectorch._checks import check_int
 from selectorch.functional.classwise import class_banks
 from selectorch.functional.knn import DEFAULT_CHUNK_SIZE
 from selectorch.functional.neighbours import class_nearest_search, density_filter, trust_score
-from selectorch.scores.base import Score, fail_closed
+from selectorch.scores.base import Score
 from selectorch.scores.mahalanobis import check_labels
+from selectorch.scores.predicted import PredictedClassMixin
 from selectorch.scores.registry import register_score
 
 
 @register_score("trust")
-class TrustScore(Score):
+class TrustScore(PredictedClassMixin, Score):
     """Inverse trust score (Jiang et al. 2018, "To trust or not to trust a classifier").
 
     ``fit(X, y)`` keeps, for every class, its reference rows minus the ``alpha`` fraction of
@@ -66,8 +66,6 @@ class TrustScore(Score):
 
     input = "embedding"
     fitted_buffers = ("bank_", "mean_")
-    #: The score needs each sample's predicted class: call :meth:`score_with_preds`.
-    needs_preds: ClassVar[bool] = True
     requires_grad: ClassVar[bool] = False
     passes: ClassVar[int] = 1
     compile_clean: ClassVar[bool] = True
@@ -153,144 +151,6 @@ class TrustScore(Score):
             query, self.bank_, bank_sq_norms=self.bank_sq_norms_, chunk_size=self.chunk_size
         )
         return d.argmin(dim=1)
-
-    def _check_preds(self, preds: Any, n: int, device: torch.device) -> torch.Tensor:
-        if (
-            not isinstance(preds, torch.Tensor)
-            or preds.shape != (n,)
-            or preds.is_floating_point()
-            or preds.is_complex()
-            or preds.dtype == torch.bool
-        ):
-            got = (
-                f"shape {tuple(preds.shape)} and dtype {preds.dtype}"
-                if isinstance(preds, torch.Tensor)
-                else type(preds).__name__
-            )
-            raise ValueError(
-                f"Expected argument `preds` to be an ({n},) integer tensor of predicted "
-                f"classes (one per row of `X`), got {got}."
-            )
-        return preds.to(device)
-
-    def _classes(self, X: torch.Tensor, preds: Any) -> torch.Tensor:
-        if preds is None:
-            return self.predicted_classes(X)
-        return self._check_preds(preds, X.shape[0], X.device)
-
-    def score_with_preds(self, X: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
-        """Scores against the given predicted classes (compile-clean).
-
-        Args:
-            X: ``(B, D)`` embeddings.
-            preds: ``(B,)`` integer predicted classes (the model's ``argmax``); a class outside
-                ``[0, C)`` scores ``+inf``.
-
-        Returns:
-            ``(B,)`` scores; rows with NaN or Inf score ``+inf``.
-
-        Raises:
-            NotFittedError: ``fit`` was not called.
-            ValueError: ``X`` or ``preds`` has the wrong shape, dtype or device.
-        """
-        self._check_fitted()
-        X = self._check_input(X)
-        preds = self._check_preds(preds, X.shape[0], X.device)
-        return fail_closed(self._score_classes(X, preds), X)
-
-    @torch.no_grad()
-    def score(
-        self, X: torch.Tensor, *, batch_size: int = 4096, preds: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Scores of many rows, ``batch_size`` at a time, against their predicted classes.
-
-        Args:
-            X: ``(N, D)`` embeddings.
-            batch_size: Rows per step, bounding memory.
-            preds: ``(N,)`` predicted classes; the nearest kept row's class if ``None``.
-
-        Returns:
-            ``(N,)`` scores.
-        """
-        check_int("batch_size", batch_size)
-        self._check_fitted()
-        X = self._check_input(X)
-        if preds is None:
-            return super().score(X, batch_size=batch_size)
-        preds = self._check_preds(preds, X.shape[0], X.device)
-        if X.shape[0] == 0:
-            return self.score_with_preds(X, preds)
-        parts = zip(X.split(batch_size), preds.split(batch_size), strict=True)
-        return torch.cat([self.score_with_preds(x, c) for x, c in parts])
-
-    def select(self, X: torch.Tensor, preds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Score ``X`` against its predicted classes and decide which rows to keep.
-
-        Args:
-            X: ``(N, D)`` embeddings.
-            preds: ``(N,)`` predicted classes, used for the score and for per-class
-                thresholds; the nearest kept row's class if ``None``.
-
-        Returns:
-            ``{"score": (N,) float, "selected": (N,) bool}``.
-        """
-        self._check_calibrated()
-        self._check_fitted()
-        X = self._check_input(X)
-        scores = self.score(X, preds=preds)
-        if self.threshold_.ndim == 1 or preds is not None:
-            classes = self._classes(X, preds)
-        else:
-            classes = None
-        return {"score": scores, "selected": self.selected(scores, classes)}
-
-    @torch.no_grad()
-    def calibrate(
-        self,
-        X: torch.Tensor,
-        *,
-        coverage: float | None = None,
-        risk: float | None = None,
-        delta: float = 0.1,
-        correct: torch.Tensor | None = None,
-        losses: torch.Tensor | None = None,
-        preds: torch.Tensor | None = None,
-        per_class: bool = False,
-        num_classes: int | None = None,
-        bound: str = "clopper-pearson",
-        method: str = "sgr",
-    ) -> TrustScore:
-        """Set the threshold from held-out data scored against their predicted classes.
-
-        As :meth:`Score.calibrate`, except that ``preds`` also chooses the class each row is
-        scored against (the nearest kept row's class if ``None``, for scoring and for
-        ``per_class``). With ``per_class``, ``num_classes`` defaults to the number of classes.
-
-        Returns:
-            ``self``.
-        """
-        check_target(coverage, risk, delta, bound, method)
-        self._check_fitted()
-        X = self._check_input(X)
-        if X.shape[0] == 0:
-            raise ValueError("Expected argument `X` to hold calibration rows, got an empty tensor.")
-        check_finite_rows("X", X)
-        classes = self._classes(X, preds)
-        if per_class and num_classes is None:
-            num_classes = max(self.num_classes, int(classes.max()) + 1)
-        return self.calibrate_scores(
-            self.score(X, preds=preds),
-            coverage=coverage,
-            risk=risk,
-            delta=delta,
-            correct=correct,
-            losses=losses,
-            preds=classes,
-            per_class=per_class,
-            num_classes=num_classes,
-            bound=bound,
-            method=method,
-        )
 
     def extra_repr(self) -> str:
         chunk = "" if self.chunk_size == DEFAULT_CHUNK_SIZE else f", chunk_size={self.chunk_size}"

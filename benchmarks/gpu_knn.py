@@ -5,7 +5,7 @@ Run on the GPU machine, from the repository root:
 
     python benchmarks/gpu_knn.py            # the full table (markdown on stdout)
     python benchmarks/gpu_knn.py --quick    # the headline case only
-    python benchmarks/gpu_knn.py --sweep    # kernel block sizes on the headline case
+    python benchmarks/gpu_knn.py --sweep    # kernel options, floor and parts, headline case
 
 Timings are medians of ``triton.testing.do_bench`` (CUDA events, warm-up included, L2 flushed
 between repetitions). "read" is the faster of ``bank.sum(dtype=torch.float32)`` and a Triton
@@ -83,8 +83,9 @@ def floor_run(query, bank, block_q=128, block_n=128, block_d=64, num_warps=8, nu
     from selectorch.search._triton_kernels import candidate_layout
 
     n_sm = torch.cuda.get_device_properties(bank.device).multi_processor_count
-    _, n_splits, rps = candidate_layout(query.shape[0], bank.shape[0], 50, block_q, block_n,
-                                        splits_per_sm, n_sm)
+    lay = candidate_layout(query.shape[0], bank.shape[0], 50, block_q, block_n, 4,
+                           splits_per_sm, n_sm)
+    n_splits, rps = lay.n_splits, lay.rows_per_split
     out = torch.empty(query.shape[0], n_splits, device=bank.device)
     grid = (triton.cdiv(query.shape[0], block_q), n_splits)
     _floor_kernel[grid](query, bank, out, query.shape[0], bank.shape[0], rps, n_splits,
@@ -200,30 +201,57 @@ def header() -> str:
 
 
 SWEEP = [
-    dict(block_q=128, block_n=128, block_d=64, num_warps=8, num_stages=3),
-    dict(block_q=128, block_n=128, block_d=64, num_warps=8, num_stages=3, sample=False),
-    dict(block_q=64, block_n=128, block_d=64, num_warps=8, num_stages=4),
+    dict(),
+    dict(refine_step=16),
+    dict(refine_step=64),
+    dict(refine_step=0, sample_step=32),
+    dict(rounds=1),
+    dict(chunk_tiles=8),
+    dict(rounds=1, chunk_tiles=8),
+    dict(maxnreg=0, num_stages=4),
 ]
 FLOOR_SWEEP = [
     dict(block_q=128, block_n=128, block_d=64, num_warps=8, num_stages=3),
-    dict(block_q=256, block_n=128, block_d=64, num_warps=8, num_stages=3, splits_per_sm=1),
     dict(block_q=128, block_n=256, block_d=64, num_warps=8, num_stages=3, splits_per_sm=1),
-    dict(block_q=64, block_n=128, block_d=64, num_warps=4, num_stages=4),
-    dict(block_q=64, block_n=128, block_d=64, num_warps=8, num_stages=4),
 ]
 
 
-def sweep() -> None:
+def parts(query, bank, norms, k) -> None:
+    """Time the steps of the default search separately (sample bound, kernel, merge)."""
+    from selectorch.search import triton_knn as tk
+
+    ops = tk._kernels()
+    cfg = tk._default_config(query.shape[0], bank.shape[1], bank.dtype)
+    n_sel = tk._n_selected(k, bank.shape[0])
+    q = query.float().to(bank.dtype)
+    t_sample = bench(lambda: tk._threshold(q, bank, norms, -2.0, False, n_sel, "tf32", cfg))
+    tau = tk._threshold(q, bank, norms, -2.0, False, n_sel, "tf32", cfg)
+
+    def kernel():
+        return ops.knn_candidates(q, bank, norms, tau, -2.0, True, n_sel, cfg["block_q"],
+                                  cfg["block_n"], cfg["block_d"], cfg["num_warps"],
+                                  cfg["num_stages"], cfg["splits_per_sm"], "tf32",
+                                  cfg["chunk_tiles"], cfg["rounds"], cfg["maxnreg"])
+
+    t_kernel = bench(kernel)
+    values, _ = kernel()
+    t_merge = bench(lambda: values.topk(n_sel, dim=1, largest=False, sorted=False))
+    print(f"parts of the default search: threshold (samples) {t_sample:.3f} ms, candidates kernel "
+          f"{t_kernel:.3f} ms, merge topk over {tuple(values.shape)} {t_merge:.3f} ms",
+          flush=True)
+
+
+def sweep(configs=None) -> None:
     n_query, n_bank, dim, dtype, k = HEADLINE
     query32, bank32 = make_data(n_query, n_bank, dim)
     bank, query = bank32.to(dtype), query32.to(dtype)
+    ref_exact = exact_fp32_indices(query32, bank32, k)
     del bank32
     norms = torch.linalg.vector_norm(bank, dim=1, dtype=torch.float32).square()
     read = min(bench(lambda: bank.sum(dtype=torch.float32)), bench(lambda: triton_read(bank)))
     print(f"read {read:.3f} ms")
-    mm = bench(lambda: query @ bank.T)
     mm_topk = bench(lambda: (query @ bank.T).topk(k, dim=1))
-    print(f"torch mm alone {mm:.3f} ms; mm + topk {mm_topk:.3f} ms", flush=True)
+    print(f"torch mm + topk {mm_topk:.3f} ms", flush=True)
     for fcfg in FLOOR_SWEEP:
         try:
             t = bench(lambda fcfg=fcfg: floor_run(query, bank, **fcfg))
@@ -231,18 +259,22 @@ def sweep() -> None:
                   flush=True)
         except Exception as err:
             print(f"floor {fcfg}: FAILED {type(err).__name__}: {str(err)[:200]}", flush=True)
+    parts(query, bank, norms, k)
     ref = None
-    for cfg in SWEEP:
+    for cfg in configs or SWEEP:
         try:
+            t0 = time.perf_counter()
             d, i = fused_knn_search(query, bank, k, bank_sq_norms=norms, _config=cfg)
             torch.cuda.synchronize()
+            first = time.perf_counter() - t0
             if ref is None:
                 ref = i
             same = (i == ref).float().mean().item()
             t = bench(lambda cfg=cfg: fused_knn_search(query, bank, k, bank_sq_norms=norms,
                                                        _config=cfg))
-            print(f"{cfg}: {t:.3f} ms = {t / read:.2f}x read; same-as-first {same:.4f}",
-                  flush=True)
+            print(f"{cfg}: {t:.3f} ms = {t / read:.2f}x read, torch/fused "
+                  f"{mm_topk / t:.2f}x; same-as-first {same:.4f}, recall "
+                  f"{recall(i, ref_exact):.4f}; first call {first:.1f} s", flush=True)
         except Exception as err:  # report and go on with the next configuration
             print(f"{cfg}: FAILED {type(err).__name__}: {str(err)[:300]}", flush=True)
     from selectorch.search import _triton_kernels as tk
@@ -251,13 +283,14 @@ def sweep() -> None:
         for key, kern in dev_cache[0].items():
             print("compiled:", getattr(kern, "n_regs", "?"), "regs,",
                   getattr(kern, "n_spills", "?"), "spills,",
-                  getattr(kern.metadata, "shared", "?"), "smem,", str(key)[:160])
+                  getattr(kern.metadata, "shared", "?"), "smem,", str(key)[:200])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="headline case only")
-    parser.add_argument("--sweep", action="store_true", help="block sizes on the headline case")
+    parser.add_argument("--sweep", action="store_true",
+                        help="kernel options, floor and parts of one search, headline case")
     args = parser.parse_args()
     print(header(), flush=True)
     if args.sweep:

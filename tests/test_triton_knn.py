@@ -105,10 +105,15 @@ def test_bf16_query_and_bank_return_bf16_distances():
     dict(block_q=16, block_n=32, block_d=16, num_warps=4, num_stages=2, splits_per_sm=0),
     dict(block_q=64, block_n=64, block_d=32, num_warps=4, num_stages=3, splits_per_sm=0),
     dict(block_q=128, block_n=128, block_d=64, num_warps=8, num_stages=3, splits_per_sm=1),
+    dict(block_q=32, block_n=64, block_d=32, num_warps=4, num_stages=3, splits_per_sm=0,
+         chunk_tiles=1, rounds=0),
+    dict(block_q=128, block_n=128, block_d=64, num_warps=8, num_stages=3, splits_per_sm=0,
+         chunk_tiles=2, rounds=3, maxnreg=128),
 ])
 def test_compaction_of_long_splits_keeps_the_exact_neighbours(config):
     # splits_per_sm=0 means a single split per query tile and sample=False starts from no
-    # threshold: every buffer fills and is compacted many times over
+    # threshold: the first tiles append every score (many rounds per tile), and every buffer
+    # fills and is compacted many times over
     query, bank = make(150, 30_000, 64, seed=11)
     d, i = fused_knn_search(query, bank, 20, _config=dict(config, sample=False))
     d_ref, i_ref = knn_search(query, bank, 20)
@@ -175,6 +180,54 @@ def test_precomputed_norms_give_the_same_result():
 
 
 @gpu
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_refined_sample_threshold_keeps_the_exact_neighbours(metric, dtype):
+    # bank large enough for the second, kernel-made sample bound (step >= 4 * refine_step)
+    query, bank = make(130, 150_000, 64, metric=metric, seed=12)
+    rows = bank.to(dtype)
+    d, i = fused_knn_search(query, rows, 10, metric=metric)
+    d_ref, i_ref = knn_search(query, rows.float(), 10, metric=metric)
+    assert recall(i, i_ref) >= (0.999 if dtype == torch.float32 else 0.99)
+    if dtype == torch.float32:
+        torch.testing.assert_close(d, d_ref, rtol=1e-5, atol=1e-5)
+    # the same search without any threshold gives the same neighbours
+    _, i_all = fused_knn_search(query, rows, 10, metric=metric, _config=dict(sample=False))
+    assert recall(i, i_all) >= 0.999
+
+
+@gpu
+def test_search_under_autocast_equals_search_without_it():
+    # the bank sample's threshold must not be rounded to bf16 by autocast
+    query, bank = make(256, 60_000, 128, seed=6)
+    d_ref, i_ref = knn_search(query, bank, 30)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        d, i = fused_knn_search(query, bank, 30)
+    assert d.dtype == torch.float32 and recall(i, i_ref) >= 0.999
+    torch.testing.assert_close(d, d_ref, rtol=1e-5, atol=1e-5)
+
+
+@gpu
+def test_clustered_bank_in_class_order_is_exact():
+    # rows grouped by class, as a bank recorded from an ImageFolder: a query's neighbours fill
+    # whole tiles, so tiles take many rounds of appends and buffers are compacted mid-split
+    g = torch.Generator().manual_seed(8)
+    centres = 3 * torch.randn(40, 64, generator=g)
+    labels = torch.arange(40).repeat_interleave(1500)
+    bank = (centres[labels] + 0.5 * torch.randn(labels.numel(), 64, generator=g)).cuda()
+    query = (centres[torch.randint(0, 40, (200,), generator=g)]
+             + 0.5 * torch.randn(200, 64, generator=g)).cuda()
+    for dtype in (torch.float32, torch.bfloat16):
+        rows = bank.to(dtype)
+        d, i = fused_knn_search(query, rows, 50)
+        # the reference searches exactly the stored rows, in fp32
+        d_ref, i_ref = knn_search(query, rows.float(), 50)
+        assert recall(i, i_ref) >= (0.999 if dtype == torch.float32 else 0.99)
+        if dtype == torch.float32:
+            torch.testing.assert_close(d, d_ref, rtol=1e-5, atol=1e-5)
+
+
+@gpu
 def test_tf32_precision_setting_keeps_recall():
     query, bank = make(64, 20_000, 256, seed=2)
     _, i_ref = knn_search(query, bank, 20)
@@ -188,12 +241,15 @@ def test_tf32_precision_setting_keeps_recall():
 
 
 @gpu
-def test_compile_fullgraph_matches_eager_without_recompiling():
-    query, bank = make(32, 8000, 64, dtype=torch.bfloat16)
+@pytest.mark.parametrize(("dtype", "maxnreg"), [
+    (torch.bfloat16, 0), (torch.bfloat16, 128), (torch.float32, 128)
+])
+def test_compile_fullgraph_matches_eager_without_recompiling(dtype, maxnreg):
+    query, bank = make(32, 8000, 64, dtype=dtype)
     norms = bank.float().pow(2).sum(1)
 
     def search(x):
-        return fused_knn_search(x, bank, 7, bank_sq_norms=norms)
+        return fused_knn_search(x, bank, 7, bank_sq_norms=norms, _config=dict(maxnreg=maxnreg))
 
     compiled = torch.compile(search, fullgraph=True)
     d, i = compiled(query)

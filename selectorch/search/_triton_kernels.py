@@ -1,27 +1,35 @@
-"""Triton kernels of the fused exact kNN search, registered as ``torch.library.triton_op`` ops.
+"""Triton kernels of the fused exact kNN search, registered as ``torch.library`` custom ops.
 
 This module imports Triton at the top: import it only through
 :func:`selectorch.search.triton_knn._kernels`, which does so lazily.
 
 Kernel 1, ``knn_candidates``: a program owns a tile of ``BLOCK_Q`` queries and one split (a
-contiguous slice) of the bank. It streams the split in tiles of ``BLOCK_N`` rows (the inner
-loop over ``D`` is software-pipelined), computes the ``(BLOCK_Q, BLOCK_N)`` scores
-``bias + scale * q.b`` on the tensor cores (``tl.dot``, fp32 accumulation) and appends every
-score below the row's threshold ``tau`` to that row's buffer of ``C`` slots in global memory,
-each candidate taking its slot from an atomic counter per (row, split). ``tau`` starts at an
-upper bound from a bank sample (or ``+inf``). When a buffer would overflow, the program
-*compacts* it: it finds the ``K``-th smallest buffered score of each row (a 32-step bitwise
-search on the order-preserving integer key of the floats), keeps exactly the ``K`` smallest and
-lowers ``tau`` to that value. So each split's buffer always holds its exact top-``K`` among what
-it has seen (ties broken by position), the ``(B, M)`` score matrix is never written, and the
-bank is read once. Unused slots are filled with ``+inf``; a ``torch.topk`` over
-``(B, splits * C)`` merges the splits.
+contiguous slice) of the bank. It streams the split in tiles of ``BLOCK_N`` rows, computes the
+``(BLOCK_Q, BLOCK_N)`` scores ``bias + scale * q.b`` on the tensor cores (``tl.dot``, fp32
+accumulation) and appends every score below the row's threshold ``tau`` to that row's buffer
+in global memory. ``tau`` starts at an upper bound on the ``K``-th smallest score from a bank
+sample (or ``+inf``), so few scores pass. The loop over ``T`` tiles x ``D`` is one flat,
+software-pipelined loop: the next tile's loads are in flight while a tile's epilogue runs. The
+epilogue stays in the accumulator's layout: it takes a row's smallest passing score and its
+column with two in-warp reductions, stores it at the row's fill (kept in registers; no atomics,
+no shared-memory round trip of the tile) and masks it out, ``E`` times, plus more rounds only
+in the rare tile where some row has more than ``E`` candidates. Between chunks of ``T`` tiles,
+outside the pipelined loop, a row whose buffer could overflow in the next chunk is *compacted*:
+the program finds its ``K``-th smallest buffered score (a 32-step bitwise search on the
+order-preserving integer key of the floats), keeps exactly the ``K`` smallest and lowers
+``tau`` to that value. The buffer (``C = KP + 2 T BLOCK_N`` slots) can therefore never
+overflow, whatever the data. At the end each split's exact top-``K`` among its rows (ties
+broken by position) goes to a dense ``(B, splits * KP)`` output, ``+inf`` in unused slots; the
+``(B, M)`` score matrix is never written and the bank is read once. A ``torch.topk`` merges the
+splits.
 
 Kernel 2, ``knn_gather_distances``: exact fp32 distances of the chosen neighbours, recomputed
 from the stored rows (``sqrt(sum((q - b)^2))``, or ``1 - q.b`` for cosine).
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -48,25 +56,30 @@ def _key_to_float(key):
 
 
 @triton.jit
-def _compact(val_ptr, idx_ptr, cnt_ptrs, rows_ok, slot0, count, tau, K: tl.constexpr,
-             C: tl.constexpr, CH: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """Keep the K smallest buffered scores of every row whose buffer holds more than K.
+def _compact(val_ptr, idx_ptr, slot0, count, tau, K: tl.constexpr, CH: tl.constexpr,
+             BLOCK_Q: tl.constexpr):
+    """Keep the ``K`` smallest buffered scores of every row whose buffer holds more than ``K``.
 
-    Rare (the threshold from the bank sample keeps buffers short), so it favours few registers
-    over speed: the buffer is re-read in chunks of CH slots (from L1/L2) at each of the 32
-    steps of the bitwise search, and rewritten chunk by chunk in place. Called right after a
-    CTA-wide reduction, so every earlier append is visible. Where all threads must have read
-    a chunk before any overwrites it, the stores wait on a CTA-wide reduction of the loaded
-    data (its barrier orders them); ``tl.debug_barrier`` is not used.
+    Runs between chunks of bank tiles, outside the pipelined loop, so it favours few registers
+    over speed: the filled part of the buffer is re-read in chunks of ``CH`` slots (from L1/L2)
+    at each of the 32 steps of a bitwise search for the ``K``-th smallest key, and rewritten
+    chunk by chunk in place. Called right after a CTA-wide reduction, whose barrier makes every
+    earlier append visible. Where all threads must have read a chunk before any overwrites it,
+    the stores wait on a CTA-wide reduction of the loaded data (its barrier orders them).
+
+    Returns:
+        ``(count, tau)``: the new fill (``min(count, K)``) and, for compacted rows, the new
+        threshold (the ``K``-th smallest score; rows not compacted keep theirs).
     """
     active = count > K
+    filled_max = tl.max(count, axis=0)
     # t = the K-th smallest key: the largest t with #(key < t) < K, built from the top bit down
     t = tl.zeros([BLOCK_Q], dtype=tl.uint32)
     bit = tl.full([BLOCK_Q], _SIGN, dtype=tl.int32).to(tl.uint32, bitcast=True)
     for _ in range(32):
         trial = t | bit
         below = tl.zeros([BLOCK_Q], dtype=tl.int32)
-        for c0 in tl.static_range(0, C, CH):
+        for c0 in range(0, filled_max, CH):
             cols = c0 + tl.arange(0, CH)
             filled = cols[None, :] < count[:, None]
             v = tl.load(val_ptr + slot0[:, None] + cols[None, :], mask=filled,
@@ -75,7 +88,7 @@ def _compact(val_ptr, idx_ptr, cnt_ptrs, rows_ok, slot0, count, tau, K: tl.const
         t = tl.where(below < K, trial, t)
         bit = bit >> 1
     n_less = tl.zeros([BLOCK_Q], dtype=tl.int32)
-    for c0 in tl.static_range(0, C, CH):
+    for c0 in range(0, filled_max, CH):
         cols = c0 + tl.arange(0, CH)
         filled = cols[None, :] < count[:, None]
         v = tl.load(val_ptr + slot0[:, None] + cols[None, :], mask=filled, other=float("inf"))
@@ -83,7 +96,7 @@ def _compact(val_ptr, idx_ptr, cnt_ptrs, rows_ok, slot0, count, tau, K: tl.const
     # keep key < t, and the first (K - n_less) of the keys equal to t; rows not active keep all
     new_count = tl.zeros([BLOCK_Q], dtype=tl.int32)
     ties = tl.zeros([BLOCK_Q], dtype=tl.int32)
-    for c0 in tl.static_range(0, C, CH):
+    for c0 in range(0, filled_max, CH):
         cols = c0 + tl.arange(0, CH)
         filled = cols[None, :] < count[:, None]
         off = slot0[:, None] + cols[None, :]
@@ -101,52 +114,57 @@ def _compact(val_ptr, idx_ptr, cnt_ptrs, rows_ok, slot0, count, tau, K: tl.const
         loaded = (tl.sum(new_count, axis=0) >= 0) & (tl.max(top, axis=0) >= -1)
         tl.store(val_ptr + slot0[:, None] + pos, v, mask=keep & loaded)
         tl.store(idx_ptr + slot0[:, None] + pos, i, mask=keep & loaded)
-    tl.store(cnt_ptrs, new_count, mask=rows_ok)
     new_tau = tl.where(active, _key_to_float(t), tau)
     return new_count, new_tau
 
 
 @triton.jit
-def _append_tile(acc, offs_n, n_ok, bias_ptr, scale, val_ptr, idx_ptr, cnt_ptrs, rows_ok, slot0,
-                 count, tau, K: tl.constexpr, C: tl.constexpr, CH: tl.constexpr,
-                 BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _append_tile(acc, n0, stop, offs_t, bias_ptr, scale, val_ptr, idx_ptr, slot0, count, tau,
+                 E: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Append the tile's scores below each row's threshold to the row's buffer.
 
-    Everything stays in the tensor-core accumulator's layout (no shared-memory round trip):
-    each candidate takes its slot from an atomic counter per (row, split).
+    Works in the tensor-core accumulator's layout, one candidate per row at a time: a row
+    minimum and the smallest column holding it (two in-warp reductions), stored at the row's
+    fill ``count`` (kept in registers), then masked out. ``E`` such rounds always run (no
+    CTA-wide decision); a tile where some row has more candidates runs more rounds, as many
+    as its fullest row needs.
     """
+    offs_n = n0 + offs_t
+    n_ok = offs_n < stop
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=float("inf"))
     else:
         bias = tl.where(n_ok, 0.0, float("inf"))
     s = bias[None, :] + scale * acc
-    cand = s < tau[:, None]  # NaN never passes; +inf (past the end) never passes
-    n_cand = tl.sum(cand.to(tl.int32), axis=1)
-    # CTA-wide reduction: its barrier also makes every earlier append visible to all threads
-    if tl.max(n_cand, axis=0) > 0:
-        if tl.max(count + n_cand, axis=0) > C:
-            count, tau = _compact(val_ptr, idx_ptr, cnt_ptrs, rows_ok, slot0, count, tau, K, C,
-                                  CH, BLOCK_Q)
-            cand = s < tau[:, None]
-            n_cand = tl.sum(cand.to(tl.int32), axis=1)
-            # barrier between the counters' reset and the atomics below
-            cand = cand & (tl.max(n_cand, axis=0) >= 0)
-        counters = cnt_ptrs[:, None] + tl.zeros([BLOCK_N], dtype=tl.int32)[None, :]
-        slot = tl.atomic_add(counters, 1, mask=cand, sem="relaxed", scope="cta")
-        ptr_off = slot0[:, None] + slot
-        tl.store(val_ptr + ptr_off, s, mask=cand)
-        tl.store(idx_ptr + ptr_off, tl.broadcast_to(offs_n[None, :], s.shape), mask=cand)
-        count += n_cand
-    return count, tau
+    # scores at or above the threshold (and NaN, and +inf past the end) become +inf: no candidate
+    s = tl.where(s < tau[:, None], s, float("inf"))
+    n_new = tl.sum((s < float("inf")).to(tl.int32), axis=1)
+    for e in tl.static_range(E):
+        m = tl.min(s, axis=1)
+        j = tl.min(tl.where(s == m[:, None], offs_t[None, :], BLOCK_N), axis=1)
+        has = n_new > e
+        tl.store(val_ptr + slot0 + count, m, mask=has)
+        tl.store(idx_ptr + slot0 + count, n0 + j, mask=has)
+        count += has.to(tl.int32)
+        s = tl.where(offs_t[None, :] == j[:, None], float("inf"), s)
+    for e in range(E, tl.max(n_new, axis=0)):  # rare: a row with more than E candidates
+        m = tl.min(s, axis=1)
+        j = tl.min(tl.where(s == m[:, None], offs_t[None, :], BLOCK_N), axis=1)
+        has = n_new > e
+        tl.store(val_ptr + slot0 + count, m, mask=has)
+        tl.store(idx_ptr + slot0 + count, n0 + j, mask=has)
+        count += has.to(tl.int32)
+        s = tl.where(offs_t[None, :] == j[:, None], float("inf"), s)
+    return count
 
 
 @triton.jit
 def _knn_candidates_kernel(
-    q_ptr, b_ptr, bias_ptr, tau_ptr, val_ptr, idx_ptr, cnt_ptr,
+    q_ptr, b_ptr, bias_ptr, tau_ptr, buf_val, buf_idx, out_val, out_idx,
     B, M, rows_per_split, n_splits, stride_q, stride_b, scale,
-    D: tl.constexpr, K: tl.constexpr, C: tl.constexpr, CH: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, C: tl.constexpr, CH: tl.constexpr,
+    T: tl.constexpr, E: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -157,36 +175,42 @@ def _knn_candidates_kernel(
     start = pid_s * rows_per_split
     stop = tl.minimum(start + rows_per_split, M)
     n_tiles = tl.cdiv(stop - start, BLOCK_N)
+    KD: tl.constexpr = D // BLOCK_D
     # rows past B never accept a candidate
     tau = tl.load(tau_ptr + offs_q, mask=q_ok, other=float("-inf"))
     count = tl.zeros([BLOCK_Q], dtype=tl.int32)
     slot0 = (offs_q.to(tl.int64) * n_splits + pid_s) * C
-    cnt_ptrs = cnt_ptr + offs_q * n_splits + pid_s
-    tl.store(cnt_ptrs, count, mask=q_ok)
     # 32-bit offsets from scalar bases (not 64-bit pointer tensors): fewer live registers
     q_off = offs_q[:, None] * stride_q + offs_d[None, :]
     b_off = offs_t[:, None] * stride_b + offs_d[None, :]
-    for tile in range(0, n_tiles):
-        n0 = start + tile * BLOCK_N
-        offs_n = n0 + offs_t
-        n_ok = offs_n < stop
-        b_tile = b_ptr + n0.to(tl.int64) * stride_b
+    for c0 in range(0, n_tiles, T):
+        # room for T more tiles of candidates? (the reduction's barrier also orders the appends)
+        if tl.max(count, axis=0) > C - T * BLOCK_N:
+            count, tau = _compact(buf_val, buf_idx, slot0, count, tau, K, CH, BLOCK_Q)
         acc = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
-        # the software-pipelined loop: its loads run num_stages - 1 steps ahead
-        for kd in range(0, D // BLOCK_D):
+        # one flat, software-pipelined loop over T tiles x D: the loads of the next tile are in
+        # flight while the epilogue of this one runs
+        for it in range(0, tl.minimum(T, n_tiles - c0) * KD):
+            kd = it % KD
+            n0 = start + (c0 + it // KD) * BLOCK_N
             a = tl.load(q_ptr + (q_off + kd * BLOCK_D), mask=q_ok[:, None], other=0.0)
-            b = tl.load(b_tile + (b_off + kd * BLOCK_D), mask=n_ok[:, None], other=0.0)
+            b = tl.load(b_ptr + n0.to(tl.int64) * stride_b + (b_off + kd * BLOCK_D),
+                        mask=(n0 + offs_t < stop)[:, None], other=0.0)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-        count, tau = _append_tile(acc, offs_n, n_ok, bias_ptr, scale, val_ptr, idx_ptr,
-                                  cnt_ptrs, q_ok, slot0, count, tau, K, C, CH, BLOCK_Q,
-                                  BLOCK_N, HAS_BIAS)
-    # unused slots hold +inf so that the merge never picks them before a real candidate
-    for c0 in tl.static_range(0, C, CH):
-        cols = c0 + tl.arange(0, CH)
-        empty = (cols[None, :] >= count[:, None]) & q_ok[:, None]
-        ptr_off = slot0[:, None] + cols[None, :]
-        tl.store(val_ptr + ptr_off, tl.full([BLOCK_Q, CH], float("inf"), tl.float32), mask=empty)
-        tl.store(idx_ptr + ptr_off, tl.zeros([BLOCK_Q, CH], dtype=tl.int32), mask=empty)
+            if kd == KD - 1:
+                count = _append_tile(acc, n0, stop, offs_t, bias_ptr, scale, buf_val, buf_idx,
+                                     slot0, count, tau, E, HAS_BIAS, BLOCK_N)
+                acc = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
+    if tl.max(count, axis=0) > K:
+        count, tau = _compact(buf_val, buf_idx, slot0, count, tau, K, CH, BLOCK_Q)
+    # the split's top-K (or fewer), padded with +inf to KP slots, into the dense output
+    cols = tl.arange(0, KP)
+    filled = cols[None, :] < count[:, None]
+    v = tl.load(buf_val + slot0[:, None] + cols[None, :], mask=filled, other=float("inf"))
+    i = tl.load(buf_idx + slot0[:, None] + cols[None, :], mask=filled, other=0)
+    out = (offs_q[:, None] * n_splits + pid_s) * KP + cols[None, :]
+    tl.store(out_val + out, v, mask=q_ok[:, None])
+    tl.store(out_idx + out, i, mask=q_ok[:, None])
 
 
 @triton.jit
@@ -217,10 +241,26 @@ def _gather_distances_kernel(
     tl.store(out_ptr + row * n_sel + offs_k, out, mask=k_ok)
 
 
+class CandidateLayout(NamedTuple):
+    """Sizes of the per-(query, split) candidate buffers of :func:`knn_candidates`."""
+
+    #: Slots per (query, split) in the dense output (``keep`` padded to a power of two).
+    out_slots: int
+    #: Slots per (query, split) in the scratch buffer: room for two chunks of tiles.
+    capacity: int
+    #: Number of bank splits (programs per query tile).
+    n_splits: int
+    #: Bank rows per split (a whole number of tiles).
+    rows_per_split: int
+
+
 def candidate_layout(n_query: int, n_bank: int, keep: int, block_q: int, block_n: int,
-                     splits_per_sm: int, n_sm: int) -> tuple[int, int, int]:
-    """``(capacity, n_splits, rows_per_split)`` of the candidate buffer for these shapes."""
-    capacity = triton.next_power_of_2(keep + block_n)
+                     chunk_tiles: int, splits_per_sm: int, n_sm: int) -> CandidateLayout:
+    """The candidate buffers' sizes for these shapes (see :class:`CandidateLayout`)."""
+    out_slots = max(16, triton.next_power_of_2(keep))
+    # compaction runs when a row's fill exceeds capacity - chunk_tiles * block_n: a chunk of
+    # tiles can then never overflow, whatever the data
+    capacity = out_slots + 2 * chunk_tiles * block_n
     n_tiles = triton.cdiv(n_bank, block_n)
     n_qtiles = triton.cdiv(n_query, block_q)
     # about splits_per_sm programs per multiprocessor in one wave; the bank is split only as
@@ -228,10 +268,43 @@ def candidate_layout(n_query: int, n_bank: int, keep: int, block_q: int, block_n
     wanted = max(1, (splits_per_sm * n_sm) // n_qtiles)
     tiles_per_split = triton.cdiv(n_tiles, min(wanted, n_tiles))
     n_splits = triton.cdiv(n_tiles, tiles_per_split)
-    return capacity, n_splits, tiles_per_split * block_n
+    return CandidateLayout(out_slots, capacity, n_splits, tiles_per_split * block_n)
 
 
-@triton_op("selectorch::knn_candidates", mutates_args=())
+_LAUNCHERS: dict[tuple[int, int, int], Any] = {}
+
+
+def _launcher(num_warps: int, num_stages: int, maxnreg: int) -> Any:
+    """The candidates kernel with its launch options in a single-config ``triton.autotune``.
+
+    ``maxnreg`` caps the registers per thread (0: no cap), so that two programs of 256 threads
+    share a multiprocessor (at most 128 registers each) and one's epilogue overlaps the other's
+    products.
+    """
+    key = (num_warps, num_stages, maxnreg)
+    if key not in _LAUNCHERS:
+        options: dict[str, Any] = dict(num_warps=num_warps, num_stages=num_stages)
+        if maxnreg > 0:
+            options["maxnreg"] = maxnreg
+        _LAUNCHERS[key] = triton.autotune(configs=[triton.Config({}, **options)], key=[])(
+            _knn_candidates_kernel
+        )
+    return _LAUNCHERS[key]
+
+
+def _candidates_shape(query: torch.Tensor, bank: torch.Tensor, keep: int, block_q: int,
+                      block_n: int, chunk_tiles: int, splits_per_sm: int
+                      ) -> tuple[CandidateLayout, tuple[int, int]]:
+    """The buffer layout and the ``(B, n_splits * out_slots)`` output shape for these inputs."""
+    n_sm = torch.cuda.get_device_properties(query.device).multi_processor_count
+    lay = candidate_layout(query.shape[0], bank.shape[0], keep, block_q, block_n, chunk_tiles,
+                           splits_per_sm, n_sm)
+    return lay, (query.shape[0], lay.n_splits * lay.out_slots)
+
+
+# A plain custom op (opaque to inductor, one graph with dynamo): inductor re-emits the
+# launches of a triton_op and would drop the register cap, so this op launches the kernel itself
+@torch.library.custom_op("selectorch::knn_candidates", mutates_args=())
 def knn_candidates(
     query: torch.Tensor,
     bank: torch.Tensor,
@@ -247,31 +320,46 @@ def knn_candidates(
     num_stages: int,
     splits_per_sm: int,
     precision: str,
+    chunk_tiles: int,
+    rounds: int,
+    maxnreg: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-split top-``keep`` candidates of every query; see the module docstring.
 
-    Returns ``(values, indices)`` of shape ``(B, n_splits * capacity)`` (fp32, int32): the
-    scores ``bias + scale * q.b`` of the candidates, ``+inf`` (index 0) in unused slots.
+    Returns ``(values, indices)`` of shape ``(B, n_splits * out_slots)`` (fp32, int32): the
+    scores ``bias + scale * q.b`` of each split's best candidates, ``+inf`` (index 0) in unused
+    slots.
     """
+    lay, shape = _candidates_shape(query, bank, keep, block_q, block_n, chunk_tiles,
+                                   splits_per_sm)
     n_query, dim = query.shape
-    n_bank = bank.shape[0]
-    n_sm = torch.cuda.get_device_properties(query.device).multi_processor_count
-    capacity, n_splits, rows_per_split = candidate_layout(
-        n_query, n_bank, keep, block_q, block_n, splits_per_sm, n_sm
-    )
-    width = n_splits * capacity
-    values = torch.empty((n_query, width), dtype=torch.float32, device=query.device)
-    indices = torch.empty((n_query, width), dtype=torch.int32, device=query.device)
-    counters = torch.empty((n_query, n_splits), dtype=torch.int32, device=query.device)
-    grid = (triton.cdiv(n_query, block_q), n_splits)
-    wrap_triton(_knn_candidates_kernel)[grid](
-        query, bank, bias, tau, values, indices, counters,
-        n_query, n_bank, rows_per_split, n_splits, query.stride(0), bank.stride(0), scale,
-        D=dim, K=keep, C=capacity, CH=min(capacity, 64), BLOCK_Q=block_q, BLOCK_N=block_n,
-        BLOCK_D=block_d, HAS_BIAS=has_bias, PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    dev = query.device
+    scratch = (n_query, lay.n_splits, lay.capacity)
+    scratch_val = torch.empty(scratch, dtype=torch.float32, device=dev)
+    scratch_idx = torch.empty(scratch, dtype=torch.int32, device=dev)
+    values = torch.empty(shape, dtype=torch.float32, device=dev)
+    indices = torch.empty(shape, dtype=torch.int32, device=dev)
+    grid = (triton.cdiv(n_query, block_q), lay.n_splits)
+    with torch.cuda.device(dev):
+        _launcher(num_warps, num_stages, maxnreg)[grid](
+            query, bank, bias, tau, scratch_val, scratch_idx, values, indices,
+            n_query, bank.shape[0], lay.rows_per_split, lay.n_splits, query.stride(0),
+            bank.stride(0), scale, D=dim, K=keep, KP=lay.out_slots, C=lay.capacity, CH=32,
+            T=chunk_tiles, E=rounds, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
+            HAS_BIAS=has_bias, PRECISION=precision,
+        )
     return values, indices
+
+
+@knn_candidates.register_fake
+def _knn_candidates_fake(query, bank, bias, tau, scale, has_bias, keep, block_q, block_n,
+                         block_d, num_warps, num_stages, splits_per_sm, precision, chunk_tiles,
+                         rounds, maxnreg):
+    """Shapes and dtypes of :func:`knn_candidates`' outputs, for tracing."""
+    _, shape = _candidates_shape(query, bank, keep, block_q, block_n, chunk_tiles,
+                                 splits_per_sm)
+    return (query.new_empty(shape, dtype=torch.float32),
+            query.new_empty(shape, dtype=torch.int32))
 
 
 @triton_op("selectorch::knn_gather_distances", mutates_args=())

@@ -4,14 +4,15 @@ The plain search (:func:`selectorch.functional.knn_search`) writes a ``(B, chunk
 scores per chunk and runs ``topk`` on it, so it moves the bank once and the scores several
 times. Here one kernel streams the bank in tiles, computes ``q.b`` on the tensor cores with
 fp32 accumulation and keeps, per query and per slice of the bank, a buffer holding the exact
-top candidates of that slice; the scores never reach global memory. A ``topk`` over the small
-``(B, slices * capacity)`` candidate buffer merges the slices, and the distances of the chosen
+top candidates of that slice; only scores below a per-query bound (from two bank samples) are
+ever written, never the ``(B, M)`` matrix. A ``topk`` over the small
+``(B, slices * out_slots)`` candidate buffer merges the slices, and the distances of the chosen
 neighbours are recomputed exactly in fp32 from the stored rows (and re-ranked), as the plain
 path does. Triton is imported only when the kernel first runs, so this module imports on
 machines without it.
 
-Both kernels are registered with ``torch.library.triton_op``: ``torch.compile(fullgraph=True)``
-traces through them without a graph break.
+Both kernels are ``torch.library`` custom ops (the candidates kernel an opaque one, so that its
+launch options survive compilation): ``torch.compile(fullgraph=True)`` keeps them in one graph.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 __all__ = ["FUSED_MIN_WORK", "MAX_K", "fused_knn_search", "supports", "use_fused"]
 
 METRICS = ("euclidean", "cosine")
-#: Largest ``k`` the fused kernel serves (its per-slice buffers stay in registers).
+#: Largest ``k`` the fused kernel serves (each split keeps its top ``k`` plus a margin).
 MAX_K = 128
 #: Bank dtypes the kernel reads directly.
 BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -79,7 +80,8 @@ def supports(query: torch.Tensor, bank: torch.Tensor, k: int) -> bool:
 
 
 #: Queries x bank rows from which the fused kernel beat the chunked torch search on an H100
-#: (it won at 256 x 1.28M and 4096 x 1.28M, tied or lost at 1 x 1.28M and 4096 x 50K).
+#: (benchmarks/RESULTS.md, 2026-11-22: 4.2x at 256 x 1.28M x 2048 bf16, 4.2x / 2.0x at
+#: 4096 x 1.28M x 512 bf16 / fp32; tied or lost at 1 query and at 4096 x 50K).
 FUSED_MIN_WORK = 1 << 28
 
 
@@ -101,13 +103,44 @@ def _default_config(n_query: int, dim: int, dtype: torch.dtype) -> dict[str, Any
     block_d = next(b for b in (64, 32, 16) if dim % b == 0)
     if dtype == torch.float32:
         block_d = min(block_d, 32)
+    # few queries: the pass is bound by reading the bank, a second sample costs more than the
+    # candidates it saves
+    cfg: dict[str, Any] = dict(block_d=block_d, splits_per_sm=2, chunk_tiles=4, rounds=2,
+                               maxnreg=0, sample=True, sample_step=128, refine_step=0)
     if n_query <= 16:
-        return dict(block_q=16, block_n=128, block_d=block_d, num_warps=4, num_stages=4)
+        return dict(cfg, block_q=16, block_n=128, num_warps=4, num_stages=4)
     if n_query <= 32:
-        return dict(block_q=32, block_n=128, block_d=block_d, num_warps=4, num_stages=4)
+        return dict(cfg, block_q=32, block_n=128, num_warps=4, num_stages=4)
     if n_query <= 64:
-        return dict(block_q=64, block_n=128, block_d=block_d, num_warps=4, num_stages=4)
-    return dict(block_q=128, block_n=128, block_d=block_d, num_warps=8, num_stages=3)
+        return dict(cfg, block_q=64, block_n=128, num_warps=4, num_stages=4)
+    cfg.update(block_q=128, block_n=128, num_warps=8, num_stages=3, sample_step=1024,
+               refine_step=32)
+    if dtype != torch.float32:
+        # 128 x 256 tiles: the query tile is re-read from L2 half as often (chunks of 2 tiles
+        # keep the candidate buffers at the size of 4 tiles of 128); the three-pass fp32
+        # products need too many registers for them
+        cfg.update(block_n=256, chunk_tiles=2)
+    return cfg
+
+
+#: Most scores of the bank sample held at once (``B * rows``), 64 MB in fp32.
+_SAMPLE_SCORES = 1 << 24
+
+
+def _sample_step(n_query: int, n_bank: int, n_sel: int, step: int) -> int:
+    """Row step of the bank sample: at least 16 ``n_sel`` rows, at most ~2**24 scores in all."""
+    step = max(step, n_bank * n_query // _SAMPLE_SCORES)
+    return max(1, min(step, n_bank // (16 * n_sel)))
+
+
+def _bound(kth: torch.Tensor, query_k: torch.Tensor, bias: torch.Tensor | None, scale: float,
+           rel_error: float) -> torch.Tensor:
+    """``kth`` (B,) plus the margin ``rel_error |scale| |q| max|b|``; +inf where not finite."""
+    b_max = bias.max().clamp_min(0).sqrt() if bias is not None else 1.0
+    q_norm = torch.linalg.vector_norm(query_k.float(), dim=1)
+    tau = kth + rel_error * abs(scale) * (q_norm * b_max * 1.01 + 1e-30)
+    # an overflowed or NaN bound would reject real neighbours: fall back to no bound
+    return torch.where(torch.isfinite(tau), tau, float("inf"))
 
 
 def _sample_threshold(
@@ -116,37 +149,77 @@ def _sample_threshold(
     bias: torch.Tensor | None,
     scale: float,
     n_sel: int,
+    step: int,
     rel_error: float,
 ) -> torch.Tensor:
-    """Per-query upper bound on the ``n_sel``-th smallest score, from a strided bank sample.
+    """Per-query upper bound on the ``n_sel``-th smallest score, from every ``step``-th bank row.
 
     The sample's rows are bank rows, so its ``n_sel``-th smallest score bounds the bank's; the
     margin covers the rounding of this product against the kernel's (``rel_error`` of
     ``|scale| |q| max|b|``). Only a starting threshold: the kernel tightens it as it goes, and
-    a bound that is too high costs time, never correctness.
+    a bound that is too high costs time, never correctness. About ``n_sel * step`` scores per
+    query pass it.
     """
-    n_query, n_bank = query_k.shape[0], bank.shape[0]
-    step = n_bank // min(n_bank, max(16 * n_sel, n_bank // 128))
     if step < 4:
-        return torch.full((n_query,), float("inf"), device=bank.device)
+        return torch.full((query_k.shape[0],), float("inf"), device=bank.device)
     sample = bank[::step]
-    score = scale * (query_k @ sample.T).float()
+    if query_k.dtype == torch.float32:
+        score = scale * (query_k @ sample.T)
+    else:  # half inputs, fp32 output: the same exact products and fp32 sums as the kernel
+        score = scale * torch.mm(query_k, sample.T, out_dtype=torch.float32)
     if bias is not None:
         score = score + bias[::step]
-        b_max = bias.max().clamp_min(0).sqrt()
-    else:
-        b_max = torch.ones((), device=bank.device)
-    kth = score.topk(n_sel, dim=1, largest=False, sorted=True).values[:, -1]
-    q_norm = torch.linalg.vector_norm(query_k.float(), dim=1)
-    tau = kth + rel_error * abs(scale) * (q_norm * b_max * 1.01 + 1e-30)
-    # an overflowed or NaN bound would reject real neighbours: fall back to no bound
-    return torch.where(torch.isfinite(tau), tau, float("inf"))
+    kth = score.topk(n_sel, dim=1, largest=False, sorted=False).values.amax(dim=1)
+    return _bound(kth, query_k, bias, scale, rel_error)
 
 
+@torch.compiler.assume_constant_result
 def _fp32_precision() -> str:
     # follow torch's own switch: "highest" (the default) keeps fp32 accuracy with three tf32
     # products; "high"/"medium" accept plain tf32, as torch's matmul then does
     return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _threshold(
+    query_k: torch.Tensor,
+    bank: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    cosine: bool,
+    n_sel: int,
+    precision: str,
+    cfg: dict[str, Any],
+) -> torch.Tensor:
+    """The kernel's starting threshold (B,): an upper bound on each query's n_sel-th score.
+
+    A small strided sample through torch gives a first bound; a larger one (every
+    ``refine_step``-th row) through the kernel itself, starting from that bound, a tighter
+    one, so that the full pass appends only ~``n_sel * refine_step`` candidates per query.
+    """
+    n_query, dim = query_k.shape
+    if not cfg["sample"]:
+        return torch.full((n_query,), float("inf"), device=bank.device)
+    # products of half (or three-pass tf32) inputs are exact in fp32, so the sample's scores
+    # and the kernel's differ only by the order of their fp32 sums: within 2 D 2**-24 |q| |b|
+    # (twice that margin here); plain tf32 rounds the inputs too
+    tf32 = bank.dtype == torch.float32 and precision == "tf32"
+    rel_error = 2.0**-7 if tf32 else dim * 2.0**-22
+    bias_or_none = None if cosine else bias
+    step = _sample_step(n_query, bank.shape[0], n_sel, cfg["sample_step"])
+    tau = _sample_threshold(query_k, bank, bias_or_none, scale, n_sel, step, rel_error)
+    fine = cfg["refine_step"]
+    if fine and step >= 4 * fine:
+        sub = bank[::fine]
+        sub_bias = bias if cosine else bias[::fine].contiguous()
+        sub_vals, _ = _kernels().knn_candidates(
+            query_k, sub, sub_bias, tau, scale, not cosine, n_sel,
+            cfg["block_q"], cfg["block_n"], cfg["block_d"], cfg["num_warps"],
+            cfg["num_stages"], cfg["splits_per_sm"], precision, cfg["chunk_tiles"],
+            cfg["rounds"], cfg["maxnreg"],
+        )
+        kth = sub_vals.topk(n_sel, dim=1, largest=False, sorted=False).values.amax(dim=1)
+        tau = torch.minimum(tau, _bound(kth, query_k, bias_or_none, scale, rel_error))
+    return tau
 
 
 def fused_knn_search(
@@ -175,7 +248,7 @@ def fused_knn_search(
         metric: ``"euclidean"`` or ``"cosine"``.
         bank_sq_norms: Optional ``(M,)`` squared row norms (euclidean only; best in fp32).
             Computed here, at the cost of one more read of the bank, when omitted.
-        _config: Kernel block sizes (benchmarks only).
+        _config: Kernel options: block sizes, register cap, samples (benchmarks and tests).
 
     Returns:
         ``(distances, indices)``, both ``(B, k)``; distances in the promoted dtype of query
@@ -200,6 +273,19 @@ def fused_knn_search(
             f"{query.device}, bank {tuple(bank.shape)} {bank.dtype} on {bank.device}, k={k}. "
             "Check selectorch.search.supports() and use selectorch.functional.knn_search."
         )
+    # the kernels fix their own dtypes; autocast would round the sample's scores to bf16
+    with torch.autocast(query.device.type, enabled=False):
+        return _fused_search(query, bank, k, metric, bank_sq_norms, _config)
+
+
+def _fused_search(
+    query: torch.Tensor,
+    bank: torch.Tensor,
+    k: int,
+    metric: str,
+    bank_sq_norms: torch.Tensor | None,
+    config: dict[str, Any] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     ops = _kernels()
     n_query, dim = query.shape
     n_bank = bank.shape[0]
@@ -215,20 +301,15 @@ def fused_knn_search(
         bias, scale = bank_sq_norms.to(torch.float32).contiguous(), -2.0
     query_k = query_f.to(bank.dtype).contiguous()
     n_sel = _n_selected(k, n_bank)
-    cfg = dict(_default_config(n_query, dim, bank.dtype), splits_per_sm=2, sample=True)
-    if _config:
-        cfg.update(_config)
+    cfg = _default_config(n_query, dim, bank.dtype)
+    if config:
+        cfg.update(config)
     precision = _fp32_precision() if bank.dtype == torch.float32 else "tf32"
-    if cfg["sample"]:
-        exact = bank.dtype == torch.float32 and precision == "tf32x3"
-        tau = _sample_threshold(query_k, bank, None if cosine else bias, scale, n_sel,
-                                2.0**-12 if exact else 2.0**-7)
-    else:
-        tau = torch.full((n_query,), float("inf"), device=bank.device)
+    tau = _threshold(query_k, bank, bias, scale, cosine, n_sel, precision, cfg)
     values, cand = ops.knn_candidates(
         query_k, bank, bias, tau, scale, not cosine, n_sel,
         cfg["block_q"], cfg["block_n"], cfg["block_d"], cfg["num_warps"], cfg["num_stages"],
-        cfg["splits_per_sm"], precision,
+        cfg["splits_per_sm"], precision, cfg["chunk_tiles"], cfg["rounds"], cfg["maxnreg"],
     )
     pos = values.topk(n_sel, dim=1, largest=False, sorted=False).indices
     chosen = cand.gather(1, pos)

@@ -123,3 +123,45 @@ def test_large_knn_score_on_cuda_dispatches_to_the_fused_kernel_and_matches_exac
     fused = score(query.cuda())
     d, _ = torch_search(q, score.bank_, 10, bank_sq_norms=score.bank_sq_norms_)
     torch.testing.assert_close(fused, d[:, -1], rtol=1e-4, atol=1e-4)
+
+
+# -- the scores of issue 10 on CUDA: SelectiveModel on the real MNIST network ------------------
+
+#: name -> (score kwargs, layer, head) on the ccexam MNIST CNN.
+MNIST_CASES = {
+    "odin": ({"std": st.datasets.MNIST_STD}, None, None),
+    "gram": ({"powers": 4}, ["features.2", "features.5"], None),
+    "dknn": ({"k": 10}, ["features.5", "classifier.0"], None),
+    "trust": ({"k": 5}, "classifier.0", None),
+    "lid": ({"k": 10}, "classifier.0", None),
+    "gradnorm": ({}, "classifier.1", "classifier.2"),
+    "she": ({}, "classifier.1", "classifier.2"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MNIST_CASES))
+def test_issue10_scores_on_cuda_match_cpu_and_compile(name):
+    kwargs, layer, head = MNIST_CASES[name]
+    images, labels = st.datasets.mnist5k()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    images, labels = images[order], labels[order]
+    fit, cal, test = (images[:600], labels[:600]), images[600:800], images[800:864]
+
+    def build(device):
+        net = st.datasets.mnist_net().to(device)
+        sel = st.SelectiveModel(net, st.scores.create_score(name, **kwargs), layer=layer, head=head)
+        sel.fit(*fit, progress=False)
+        return sel.calibrate(cal, coverage=0.9, progress=False)
+
+    cpu, gpu = build("cpu"), build("cuda")
+    with torch.no_grad():
+        ref = cpu(test)
+        out = gpu(test.cuda())
+    assert out.score.is_cuda and out.selected.is_cuda
+    torch.testing.assert_close(out.score.cpu(), ref.score, rtol=2e-3, atol=2e-3)
+    agree = (out.selected.cpu() == ref.selected).double().mean().item()
+    assert agree >= 0.95, agree
+    compiled = torch.compile(gpu, fullgraph=gpu.score.compile_clean)
+    with torch.no_grad():
+        fast = compiled(test.cuda())
+    torch.testing.assert_close(fast.score, out.score, rtol=2e-3, atol=2e-3)

@@ -33,16 +33,17 @@ MAX_K = 128
 BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
-_KERNELS: ModuleType | None = None
 
 
 def _kernels() -> ModuleType:
-    global _KERNELS
-    if _KERNELS is None:
-        from selectorch.search import _triton_kernels
+    """The Triton kernels, imported on first use (Triton is not needed on CPU-only machines).
 
-        _KERNELS = _triton_kernels
-    return _KERNELS
+    No module-level "loaded" flag: ``torch.compile`` would guard on it, and the first compiled
+    call, which loads the kernels while tracing, would fail that guard and compile again.
+    """
+    from selectorch.search import _triton_kernels
+
+    return _triton_kernels
 
 
 def supports(query: torch.Tensor, bank: torch.Tensor, k: int) -> bool:

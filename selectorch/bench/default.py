@@ -14,8 +14,9 @@ classifier head (ViM, ReAct, ASH, GradNorm, SHE) read the head's input ``classif
 Multi-layer scores read the layers of :data:`MULTI_LAYERS`: DkNN the pooled second conv block
 and the penultimate layer, Gram the two conv blocks' ReLU maps (pooled as Gram features by
 the score itself). ODIN is given the MNIST normalisation's std (:data:`DEFAULT_OPTIONS`).
-``joint_energy`` is left out: it scores multilabel models, and the MNIST network is
-multiclass. ``pyod`` (a PyOD kNN detector on the CPU) is included when PyOD is installed.
+``joint_energy``, made for multilabel models, runs with ``task="multiclass"`` (the sum of the
+softplus of the ten logits, and the argmax as the prediction) to compare it with the others.
+``pyod`` (a PyOD kNN detector on the CPU) is included when PyOD is installed.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ DEFAULT_SCORES = (
     "gradnorm",
     "she",
     "odin",
+    "joint_energy",
     *(("pyod",) if importlib.util.find_spec("pyod") is not None else ()),
     "random",
 )
@@ -86,11 +88,12 @@ MULTI_LAYERS: dict[str, list[str]] = {
 def _mnist_options() -> dict[str, dict[str, Any]]:
     from selectorch.datasets import MNIST_STD
 
-    return {"odin": {"std": MNIST_STD}}
+    return {"odin": {"std": MNIST_STD}, "joint_energy": {"task": "multiclass"}}
 
 
 #: Keyword arguments of the default run's scores, by registry name: ODIN's gradient step is
-#: divided by the std of the MNIST normalisation (:data:`selectorch.datasets.MNIST_STD`).
+#: divided by the std of the MNIST normalisation (:data:`selectorch.datasets.MNIST_STD`);
+#: JointEnergy reads the multiclass logits label by label.
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = _mnist_options()
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import selectorch.functional.knn as knn_module
+from selectorch.functional.distances import prepare_bank
+from selectorch.functional.knn import row_sq_norms
 from selectorch.scores import KNNScore
 
 
@@ -63,3 +66,163 @@ def test_compiled_chunked_search_serves_every_batch_size_in_few_graphs():
         q = torch.randn(batch, 8)
         torch.testing.assert_close(compiled(q), score(q))
     assert len(graphs) <= 2  # one static graph, then one with a dynamic batch size
+
+
+# -- the blocked CPU path (eager, CPU, banks of CPU_BLOCKED_MIN_ROWS rows or more) -------------
+
+
+def plain_search(monkeypatch, *args, **kwargs):
+    """``knn_search`` forced onto the plain chunk loop (the path compiled code takes)."""
+    with monkeypatch.context() as m:
+        m.setattr(knn_module, "CPU_BLOCKED_MIN_ROWS", 1 << 62)
+        return knn_module.knn_search(*args, **kwargs)
+
+
+def blocked_search(monkeypatch, *args, block_elements=None, **kwargs):
+    calls = []
+    real = knn_module._search_cpu
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(knn_module, "_search_cpu", spy)
+        if block_elements is not None:
+            m.setattr(knn_module, "CPU_BLOCK_ELEMENTS", block_elements)
+        out = knn_module.knn_search(*args, **kwargs)
+    assert calls, "the blocked CPU path was not taken"
+    return out
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize(
+    ("k", "chunk_size", "block_elements"),
+    [
+        (5, 16384, None),  # one chunk, grouped selection
+        (1, 1000, None),  # 7 chunks, the last one partial
+        (50, 3000, 5000),  # k = 50, one query per block
+        (7, 5, None),  # chunk = k: plain topk per chunk
+        (4100, 1000, 3 * 4100),  # k = bank size: every row, sorted
+    ],
+)
+def test_blocked_cpu_search_equals_the_plain_loop(
+    metric, k, chunk_size, block_elements, monkeypatch
+):
+    bank = offset_cloud(4100, 24, 3.0, 1.0, 7)
+    query = offset_cloud(37, 24, 3.0, 1.0, 8)
+    if metric == "cosine":
+        bank = prepare_bank(bank, metric)
+    args = (query, bank, k)
+    kwargs = dict(metric=metric, chunk_size=chunk_size, bank_normalized=True)
+    d, i = blocked_search(monkeypatch, *args, block_elements=block_elements, **kwargs)
+    ref_d, ref_i = plain_search(monkeypatch, *args, **kwargs)
+    if metric == "euclidean":  # the chosen distances are recomputed directly: bit for bit
+        assert torch.equal(d, ref_d)
+        # the same rows, except in the order of rows at exactly the same distance
+        unique = (d.unsqueeze(2) == d.unsqueeze(1)).sum(dim=2) == 1
+        assert unique.float().mean() > 0.9
+        assert torch.equal(i[unique], ref_i[unique])
+        return
+    # cosine distances come from the product, whose rounding depends on the block's shape
+    torch.testing.assert_close(d, ref_d, rtol=0, atol=1e-6)
+    exact = 1 - query.double() @ bank.double().T
+    torch.testing.assert_close(exact.gather(1, i), exact.gather(1, ref_i), rtol=0, atol=1e-5)
+
+
+def test_blocked_cpu_search_on_exact_ties_differs_only_in_their_order(monkeypatch):
+    bank = offset_cloud(5000, 16, 0.0, 1.0, 9)
+    bank[2500:2600] = bank[:100]  # exact duplicates: ties at every distance
+    query = torch.cat([bank[:100], offset_cloud(100, 16, 0.0, 1.0, 10)])
+    d, i = blocked_search(monkeypatch, query, bank, 4)
+    ref_d, ref_i = plain_search(monkeypatch, query, bank, 4)
+    assert torch.equal(d, ref_d)
+    assert (d[:100, :2] == 0).all()
+    twin = torch.where(i >= 2500, i - 2500, i)  # a duplicate counts as its original
+    ref_twin = torch.where(ref_i >= 2500, ref_i - 2500, ref_i)
+    assert torch.equal(twin.sort(dim=1).values, ref_twin.sort(dim=1).values)
+
+
+def test_blocked_cpu_search_keeps_dtypes_and_half_banks(monkeypatch):
+    bank, query = offset_cloud(4500, 16, 5.0, 1.0, 11), offset_cloud(20, 16, 5.0, 1.0, 12)
+    for dtype, expected in ((torch.float64, torch.float64), (torch.float16, torch.float32)):
+        d, i = blocked_search(monkeypatch, query.to(dtype), bank.to(dtype), 3)
+        ref_d, ref_i = plain_search(monkeypatch, query.to(dtype), bank.to(dtype), 3)
+        assert d.dtype == expected
+        assert torch.equal(d, ref_d) and torch.equal(i, ref_i)
+
+
+def test_bank_rows_that_are_not_finite_take_the_plain_path(monkeypatch):
+    bank, query = offset_cloud(4200, 8, 0.0, 1.0, 13), offset_cloud(10, 8, 0.0, 1.0, 14)
+    bank[17, 3] = float("nan")
+    bank[30, 0] = float("inf")
+    taken = []
+    monkeypatch.setattr(knn_module, "_search_cpu", lambda *a, **kw: taken.append(1))
+    d, i = knn_module.knn_search(query, bank, 3)
+    assert not taken
+    assert not torch.isin(i, torch.tensor([17, 30])).any()
+    assert torch.isfinite(d).all()
+
+
+def test_nan_query_rows_stay_nan_and_other_rows_exact(monkeypatch):
+    bank, query = offset_cloud(4200, 8, 0.0, 1.0, 15), offset_cloud(10, 8, 0.0, 1.0, 16)
+    query[4, 2] = float("nan")
+    d, i = blocked_search(monkeypatch, query, bank, 3)
+    ref_d, ref_i = plain_search(monkeypatch, query, bank, 3)
+    assert torch.isnan(d[4]).all()
+    keep = torch.arange(10) != 4
+    assert torch.equal(d[keep], ref_d[keep]) and torch.equal(i[keep], ref_i[keep])
+
+
+@pytest.mark.parametrize(("width", "k"), [(1000, 1), (1000, 5), (4099, 7), (513, 50), (64, 3)])
+def test_chunk_topk_is_exact(width, k):
+    g = torch.Generator().manual_seed(width + k)
+    d = torch.randn(40, width, generator=g)
+    d[:5] = d[:5].round(decimals=1)  # many ties
+    values, columns = knn_module._chunk_topk(d, k)
+    ref = d.topk(k, dim=1, largest=False)
+    assert torch.equal(values, ref.values)
+    assert torch.equal(d.gather(1, columns), values)
+    assert (columns.sort(dim=1).values.diff(dim=1) > 0).all(), "a column chosen twice"
+
+
+def test_row_sq_norms_equals_the_whole_computation():
+    x = offset_cloud(1000, 33, 10.0, 3.0, 17)
+    assert torch.equal(row_sq_norms(x, rows=7), x.pow(2).sum(dim=1))
+    assert torch.equal(
+        row_sq_norms(x.half(), torch.float32, rows=100), x.half().float().pow(2).sum(1)
+    )
+
+
+def test_knn_score_uses_the_blocked_path_and_keeps_its_results(monkeypatch):
+    bank, query = offset_cloud(6000, 32, 50.0, 1.0, 18), offset_cloud(300, 32, 50.0, 1.0, 19)
+    score = KNNScore(k=5).fit(bank)
+    fast = blocked_search(
+        monkeypatch, query - score.mean_, score.bank_, 5, bank_sq_norms=score.bank_sq_norms_
+    )
+    plain = plain_search(
+        monkeypatch, query - score.mean_, score.bank_, 5, bank_sq_norms=score.bank_sq_norms_
+    )
+    assert torch.equal(fast[1], plain[1]) and torch.equal(fast[0], plain[0])
+    assert torch.equal(score.knn_search(query)[1], plain[1])
+    assert torch.equal(score.knn_search(query)[1], nearest_k(query, bank, 5))
+
+
+def nearest_k(query: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.cdist(query.double(), bank.double()).topk(k, dim=1, largest=False).indices
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_blocked_cpu_search_without_onednn_gives_the_same_neighbours(metric, monkeypatch):
+    bank = prepare_bank(offset_cloud(5000, 32, 2.0, 1.0, 20), metric)
+    query = offset_cloud(50, 32, 2.0, 1.0, 21)
+    norms = row_sq_norms(bank)
+    kept = norms.clone()
+    kwargs = dict(metric=metric, bank_sq_norms=norms, chunk_size=1500, bank_normalized=True)
+    d, i = blocked_search(monkeypatch, query, bank, 6, **kwargs)
+    assert torch.equal(norms, kept), "the caller's norms were changed"
+    monkeypatch.setattr(knn_module, "_onednn_linear", lambda: None)
+    d2, i2 = blocked_search(monkeypatch, query, bank, 6, **kwargs)
+    assert torch.equal(i, i2)
+    torch.testing.assert_close(d, d2, rtol=0, atol=1e-6)
+    assert torch.equal(i, plain_search(monkeypatch, query, bank, 6, **kwargs)[1])

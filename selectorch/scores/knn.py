@@ -21,7 +21,13 @@ from selectorch.functional.gaussian import (
     whiten,
     whitening_matrix,
 )
-from selectorch.functional.knn import DEFAULT_CHUNK_SIZE, STATS, knn_search, knn_statistic
+from selectorch.functional.knn import (
+    DEFAULT_CHUNK_SIZE,
+    STATS,
+    knn_search,
+    knn_statistic,
+    row_sq_norms,
+)
 from selectorch.functional.outliers import check_outlier_q, drop_self_matches, inlier_rows
 from selectorch.scores.base import Score
 from selectorch.scores.mahalanobis import DEFAULT_SHRINKAGE, check_shrinkage
@@ -244,7 +250,7 @@ class KNNScore(Score):
         self._check_k(self._bank_rows)
         work = torch.promote_types(self.bank_.dtype, torch.float32)
         # float32 even for half banks (float64 for float64 ones)
-        self.bank_sq_norms_ = self.bank_.to(work).pow(2).sum(dim=1)
+        self.bank_sq_norms_ = row_sq_norms(self.bank_, work)  # no (M, D) temporary
         if self.backend == "hnsw":
             self.hnsw_index = None  # never left pointing at another bank if the next step fails
             self.hnsw_index = build_or_load_index(

@@ -202,22 +202,18 @@ def header() -> str:
 
 SWEEP = [
     dict(),
+    dict(refine_step=24),
     dict(refine_step=16),
-    dict(refine_step=64),
-    dict(refine_step=0, sample_step=32),
-    dict(rounds=1),
-    dict(chunk_tiles=8),
-    dict(rounds=1, chunk_tiles=8),
-    dict(maxnreg=0, num_stages=4),
+    dict(refine_step=24, sample_step=256),
+    dict(rounds=3),
 ]
 FLOOR_SWEEP = [
-    dict(block_q=128, block_n=128, block_d=64, num_warps=8, num_stages=3),
     dict(block_q=128, block_n=256, block_d=64, num_warps=8, num_stages=3, splits_per_sm=1),
 ]
 
 
 def parts(query, bank, norms, k) -> None:
-    """Time the steps of the default search separately (sample bound, kernel, merge)."""
+    """Time the steps of the default search separately (sample bound, kernel, merge, re-rank)."""
     from selectorch.search import triton_knn as tk
 
     ops = tk._kernels()
@@ -231,14 +227,27 @@ def parts(query, bank, norms, k) -> None:
         return ops.knn_candidates(q, bank, norms, tau, -2.0, True, n_sel, cfg["block_q"],
                                   cfg["block_n"], cfg["block_d"], cfg["num_warps"],
                                   cfg["num_stages"], cfg["splits_per_sm"], "tf32",
-                                  cfg["chunk_tiles"], cfg["rounds"], cfg["maxnreg"])
+                                  cfg["chunk_tiles"], cfg["rounds"], cfg["maxnreg"], 0)
 
     t_kernel = bench(kernel)
-    values, _ = kernel()
-    t_merge = bench(lambda: values.topk(n_sel, dim=1, largest=False, sorted=False))
+    values, cand = kernel()
+    t_merge = bench(lambda: ops.knn_select(values, cand, n_sel))
+    t_topk = bench(lambda: cand.gather(1, values.topk(n_sel, dim=1, largest=False,
+                                                      sorted=False).indices))
+    chosen = ops.knn_select(values, cand, n_sel)
+    qf = query.float()
+
+    def rerank():
+        dist = ops.knn_gather_distances(qf, bank, chosen, False)
+        dist, order = dist.topk(k, dim=1, largest=False, sorted=True)
+        return dist, chosen.gather(1, order).long()
+
+    t_rerank = bench(rerank)
+    passing = (values < float("inf")).sum(1).float().mean().item()
     print(f"parts of the default search: threshold (samples) {t_sample:.3f} ms, candidates kernel "
-          f"{t_kernel:.3f} ms, merge topk over {tuple(values.shape)} {t_merge:.3f} ms",
-          flush=True)
+          f"{t_kernel:.3f} ms, merge over {tuple(values.shape)}: knn_select {t_merge:.3f} ms "
+          f"(topk + gather {t_topk:.3f} ms), exact re-rank {t_rerank:.3f} ms; candidates kept "
+          f"per query {passing:.0f}", flush=True)
 
 
 def sweep(configs=None) -> None:

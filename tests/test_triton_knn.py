@@ -180,6 +180,40 @@ def test_precomputed_norms_give_the_same_result():
 
 
 @gpu
+def test_selection_kernels_equal_topk():
+    from selectorch.search.triton_knn import _kernels
+
+    ops = _kernels()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    values = torch.randn(300, 5000, device="cuda", generator=g)
+    values[:, ::3] = float("inf")
+    values[7, 10:100] = -10.0  # 90 ties at the 50th value: the first positions win
+    idx = (torch.arange(5000, dtype=torch.int32, device="cuda") + 7).expand(300, -1).contiguous()
+    sel = ops.knn_select(values, idx, 50)
+    ref = idx.gather(1, values.topk(50, dim=1, largest=False).indices)
+    rows = torch.arange(300, device="cuda") != 7
+    assert torch.equal(sel[rows].sort(1).values, ref[rows].sort(1).values)
+    assert torch.equal(sel[7], idx[7, 10:60])
+    # the bound: scale * prod + bias[::7], NaN last, + margin |q| sqrt(max bias), min with prev
+    query = torch.randn(300, 64, device="cuda", generator=g)
+    bias = 10 * torch.rand(35_000, device="cuda", generator=g)
+    prod = torch.randn(300, 5000, device="cuda", generator=g)
+    prod[3, 11] = float("nan")
+    prev = torch.randn(300, device="cuda", generator=g) + 20
+    tau = ops.knn_threshold(prod, query, bias[::7], bias.max(), prev, -2.0, 1e-3, 50,
+                            True, True, True, True)
+    score = (-2.0 * prod + bias[::7]).nan_to_num(nan=float("inf"))
+    kth = score.topk(50, dim=1, largest=False).values.amax(1)
+    bound = kth + 1e-3 * (query.norm(dim=1) * bias.max().sqrt() * 1.01 + 1e-30)
+    torch.testing.assert_close(tau, torch.minimum(bound, prev))
+    # fewer than 50 finite scores: no bound (+inf), so prev
+    few = torch.full((300, 64), float("inf"), device="cuda")
+    few[:, :10] = 1.0
+    tau = ops.knn_threshold(few, query, few, few, prev, 1.0, 1e-3, 50, False, False, False, True)
+    assert torch.equal(tau, prev)
+
+
+@gpu
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_refined_sample_threshold_keeps_the_exact_neighbours(metric, dtype):
@@ -241,11 +275,12 @@ def test_tf32_precision_setting_keeps_recall():
 
 
 @gpu
-@pytest.mark.parametrize(("dtype", "maxnreg"), [
-    (torch.bfloat16, 0), (torch.bfloat16, 128), (torch.float32, 128)
+@pytest.mark.parametrize(("dtype", "maxnreg", "n_query"), [
+    (torch.bfloat16, 0, 32), (torch.bfloat16, 128, 32), (torch.float32, 128, 32),
+    (torch.bfloat16, 0, 160),  # enough queries for the selection kernels
 ])
-def test_compile_fullgraph_matches_eager_without_recompiling(dtype, maxnreg):
-    query, bank = make(32, 8000, 64, dtype=dtype)
+def test_compile_fullgraph_matches_eager_without_recompiling(dtype, maxnreg, n_query):
+    query, bank = make(n_query, 8000, 64, dtype=dtype)
     norms = bank.float().pow(2).sum(1)
 
     def search(x):
@@ -259,4 +294,4 @@ def test_compile_fullgraph_matches_eager_without_recompiling(dtype, maxnreg):
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     d2, _ = compiled(query + 0.5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
-    assert d2.shape == (32, 7)
+    assert d2.shape == (n_query, 7)

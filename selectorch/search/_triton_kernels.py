@@ -20,11 +20,18 @@ order-preserving integer key of the floats), keeps exactly the ``K`` smallest an
 ``tau`` to that value. The buffer (``C = KP + 2 T BLOCK_N`` slots) can therefore never
 overflow, whatever the data. At the end each split's exact top-``K`` among its rows (ties
 broken by position) goes to a dense ``(B, splits * KP)`` output, ``+inf`` in unused slots; the
-``(B, M)`` score matrix is never written and the bank is read once. A ``torch.topk`` merges the
-splits.
+``(B, M)`` score matrix is never written and the bank is read once. Kernel 3 merges the
+splits. With ``sample_step`` the same kernel searches a strided bank sample (the threshold's
+second sample).
 
 Kernel 2, ``knn_gather_distances``: exact fp32 distances of the chosen neighbours, recomputed
 from the stored rows (``sqrt(sum((q - b)^2))``, or ``1 - q.b`` for cosine).
+
+Kernel 3, ``knn_select`` / ``knn_threshold``: per row of a small ``(B, N)`` score matrix, the
+``K``-th smallest score by a bitwise search on the integer keys (no sort): either the indices
+of the ``K`` smallest (the merge of the splits, instead of ``topk`` and ``gather``) or a
+threshold bound from a bank sample's scores (instead of ``topk``, ``amax`` and the margin's
+element-wise ops).
 """
 
 from __future__ import annotations
@@ -119,8 +126,8 @@ def _compact(val_ptr, idx_ptr, slot0, count, tau, K: tl.constexpr, CH: tl.conste
 
 
 @triton.jit
-def _append_tile(acc, n0, stop, offs_t, bias_ptr, scale, val_ptr, idx_ptr, slot0, count, tau,
-                 E: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _append_tile(acc, n0, stop, offs_t, bias_ptr, stride_bias, scale, val_ptr, idx_ptr, slot0,
+                 count, tau, E: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Append the tile's scores below each row's threshold to the row's buffer.
 
     Works in the tensor-core accumulator's layout, one candidate per row at a time: a row
@@ -132,7 +139,7 @@ def _append_tile(acc, n0, stop, offs_t, bias_ptr, scale, val_ptr, idx_ptr, slot0
     offs_n = n0 + offs_t
     n_ok = offs_n < stop
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=float("inf"))
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=n_ok, other=float("inf"))
     else:
         bias = tl.where(n_ok, 0.0, float("inf"))
     s = bias[None, :] + scale * acc
@@ -161,7 +168,7 @@ def _append_tile(acc, n0, stop, offs_t, bias_ptr, scale, val_ptr, idx_ptr, slot0
 @triton.jit
 def _knn_candidates_kernel(
     q_ptr, b_ptr, bias_ptr, tau_ptr, buf_val, buf_idx, out_val, out_idx,
-    B, M, rows_per_split, n_splits, stride_q, stride_b, scale,
+    B, M, rows_per_split, n_splits, stride_q, stride_b, stride_bias, scale,
     D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, C: tl.constexpr, CH: tl.constexpr,
     T: tl.constexpr, E: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
@@ -198,8 +205,8 @@ def _knn_candidates_kernel(
                         mask=(n0 + offs_t < stop)[:, None], other=0.0)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
             if kd == KD - 1:
-                count = _append_tile(acc, n0, stop, offs_t, bias_ptr, scale, buf_val, buf_idx,
-                                     slot0, count, tau, E, HAS_BIAS, BLOCK_N)
+                count = _append_tile(acc, n0, stop, offs_t, bias_ptr, stride_bias, scale, buf_val,
+                                     buf_idx, slot0, count, tau, E, HAS_BIAS, BLOCK_N)
                 acc = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
     if tl.max(count, axis=0) > K:
         count, tau = _compact(buf_val, buf_idx, slot0, count, tau, K, CH, BLOCK_Q)
@@ -241,6 +248,100 @@ def _gather_distances_kernel(
     tl.store(out_ptr + row * n_sel + offs_k, out, mask=k_ok)
 
 
+@triton.jit
+def _row_scores(val_ptr, bias_ptr, row_off, cols, ok, N, stride_c, stride_bias, scale,
+                AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One ``(R, CH)`` chunk of the rows' scores: ``scale * v + bias`` (AFFINE) or ``v``.
+
+    Unused slots and NaN give ``+inf`` (NaN ranks last, as in ``torch.topk``).
+    """
+    v = tl.load(val_ptr + row_off[:, None] + cols[None, :] * stride_c, mask=ok,
+                other=float("inf"))
+    if AFFINE:
+        v = (scale * v).to(tl.float32)  # inductor passes float arguments as fp64
+        if HAS_BIAS:
+            v += tl.load(bias_ptr + cols * stride_bias, mask=cols < N, other=0.0)[None, :]
+    return tl.where(v == v, v, float("inf"))
+
+
+@triton.jit
+def _select_kernel(
+    val_ptr, idx_ptr, bias_ptr, q_ptr, bmax_ptr, prev_ptr, tau_ptr, sel_ptr,
+    B, N, stride_v, stride_c, stride_bias, stride_q, scale, margin_scale,
+    K: tl.constexpr, R: tl.constexpr, CH: tl.constexpr, D: tl.constexpr,
+    BLOCK_D: tl.constexpr, AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_BMAX: tl.constexpr, HAS_PREV: tl.constexpr, SELECT: tl.constexpr,
+):
+    """The ``K`` smallest of each row of ``(B, N)`` scores, without sorting.
+
+    A program owns ``R`` rows. The ``K``-th smallest score is found by a 32-step bitwise search
+    on the order-preserving integer keys of the floats (each step counts, in chunks of ``CH``
+    from L1/L2, the keys below a trial key). Then either (SELECT) the indices ``idx[row, j]``
+    of the ``K`` smallest scores (ties broken by position) go to ``sel`` ``(B, K)`` in
+    position order, or the row's bound ``tau = kth + margin_scale |q| b_max`` goes to ``tau``
+    ``(B,)`` (``+inf`` where not finite, then the minimum with ``prev``), where ``|q|`` is the
+    query row's norm (``q`` ``(B, D)``) and ``b_max = sqrt(max(bmax, 0))`` (else 1).
+    """
+    rows = tl.program_id(0) * R + tl.arange(0, R)
+    r_ok = rows < B
+    row_off = rows.to(tl.int64) * stride_v
+    # t = the K-th smallest key: the largest t with #(key < t) < K, from the top bit down
+    t = tl.zeros([R], dtype=tl.uint32)
+    bit = tl.full([R], _SIGN, dtype=tl.int32).to(tl.uint32, bitcast=True)
+    for _ in range(32):
+        trial = t | bit
+        below = tl.zeros([R], dtype=tl.int32)
+        for c0 in range(0, N, CH):
+            cols = c0 + tl.arange(0, CH)
+            ok = r_ok[:, None] & (cols < N)[None, :]
+            v = _row_scores(val_ptr, bias_ptr, row_off, cols, ok, N, stride_c, stride_bias,
+                            scale, AFFINE, HAS_BIAS)
+            below += tl.sum(((_ordered_key(v) < trial[:, None]) & ok).to(tl.int32), axis=1)
+        t = tl.where(below < K, trial, t)
+        bit = bit >> 1
+    if SELECT:
+        n_less = tl.zeros([R], dtype=tl.int32)
+        for c0 in range(0, N, CH):
+            cols = c0 + tl.arange(0, CH)
+            ok = r_ok[:, None] & (cols < N)[None, :]
+            v = _row_scores(val_ptr, bias_ptr, row_off, cols, ok, N, stride_c, stride_bias,
+                            scale, AFFINE, HAS_BIAS)
+            n_less += tl.sum(((_ordered_key(v) < t[:, None]) & ok).to(tl.int32), axis=1)
+        n_kept = tl.zeros([R], dtype=tl.int32)
+        ties = tl.zeros([R], dtype=tl.int32)
+        for c0 in range(0, N, CH):
+            cols = c0 + tl.arange(0, CH)
+            ok = r_ok[:, None] & (cols < N)[None, :]
+            v = _row_scores(val_ptr, bias_ptr, row_off, cols, ok, N, stride_c, stride_bias,
+                            scale, AFFINE, HAS_BIAS)
+            key = _ordered_key(v)
+            eq = (key == t[:, None]) & ok
+            eq_rank = ties[:, None] + tl.cumsum(eq.to(tl.int32), axis=1)  # 1-based among ties
+            keep = ((key < t[:, None]) & ok) | (eq & (eq_rank <= (K - n_less)[:, None]))
+            pos = n_kept[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
+            i = tl.load(idx_ptr + row_off[:, None] + cols[None, :] * stride_c, mask=keep,
+                        other=0)
+            tl.store(sel_ptr + rows.to(tl.int64)[:, None] * K + pos, i, mask=keep)
+            n_kept += tl.sum(keep.to(tl.int32), axis=1)
+            ties += tl.sum(eq.to(tl.int32), axis=1)
+    else:
+        sq = tl.zeros([R], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_q + offs_d[None, :],
+                        mask=r_ok[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32)
+            sq += tl.sum(q * q, axis=1)
+        q_norm = tl.sqrt(sq)
+        if HAS_BMAX:
+            q_norm = q_norm * tl.sqrt(tl.maximum(tl.load(bmax_ptr).to(tl.float32), 0.0))
+        tau = _key_to_float(t) + (margin_scale * (q_norm * 1.01 + 1e-30)).to(tl.float32)
+        # an overflowed or NaN bound would reject real neighbours: fall back to no bound
+        tau = tl.where((tau == tau) & (tl.abs(tau) < float("inf")), tau, float("inf"))
+        if HAS_PREV:
+            tau = tl.minimum(tau, tl.load(prev_ptr + rows, mask=r_ok, other=float("inf")))
+        tl.store(tau_ptr + rows, tau, mask=r_ok)
+
+
 class CandidateLayout(NamedTuple):
     """Sizes of the per-(query, split) candidate buffers of :func:`knn_candidates`."""
 
@@ -271,6 +372,23 @@ def candidate_layout(n_query: int, n_bank: int, keep: int, block_q: int, block_n
     return CandidateLayout(out_slots, capacity, n_splits, tiles_per_split * block_n)
 
 
+def wave_sample_step(n_query: int, n_bank: int, step: int, block_q: int, block_n: int,
+                     splits_per_sm: int, n_sm: int) -> int:
+    """Row step of a bank sample of about every ``step``-th row, rounded to fill whole waves.
+
+    The sample's tiles (``block_n`` rows) times the query tiles make a whole number of tiles
+    per program when there are ``splits_per_sm`` programs per multiprocessor, one wave
+    (:func:`candidate_layout` with the same ``splits_per_sm`` splits it that way): a wave of
+    programs of 2 tiles, say, instead of one of 2 tiles and a second, mostly idle, one.
+    """
+    n_qtiles = triton.cdiv(n_query, block_q)
+    slots = max(1, splits_per_sm * n_sm)
+    tiles = triton.cdiv(triton.cdiv(n_bank, max(1, step)), block_n)
+    per_program = max(1, round(tiles * n_qtiles / slots))
+    tiles = max(1, per_program * slots // n_qtiles)
+    return max(1, triton.cdiv(n_bank, tiles * block_n))
+
+
 _LAUNCHERS: dict[tuple[int, int, int], Any] = {}
 
 
@@ -293,13 +411,23 @@ def _launcher(num_warps: int, num_stages: int, maxnreg: int) -> Any:
 
 
 def _candidates_shape(query: torch.Tensor, bank: torch.Tensor, keep: int, block_q: int,
-                      block_n: int, chunk_tiles: int, splits_per_sm: int
-                      ) -> tuple[CandidateLayout, tuple[int, int]]:
-    """The buffer layout and the ``(B, n_splits * out_slots)`` output shape for these inputs."""
+                      block_n: int, chunk_tiles: int, splits_per_sm: int, sample_step: int
+                      ) -> tuple[CandidateLayout, tuple[int, int], int]:
+    """The buffer layout, the ``(B, n_splits * out_slots)`` output shape and the row step.
+
+    The row step is 1 (the whole bank) unless ``sample_step > 0``: then the search covers
+    every ``step``-th bank row, ``step`` from :func:`wave_sample_step`.
+    """
     n_sm = torch.cuda.get_device_properties(query.device).multi_processor_count
-    lay = candidate_layout(query.shape[0], bank.shape[0], keep, block_q, block_n, chunk_tiles,
+    n_bank = bank.shape[0]
+    step = 1
+    if sample_step > 0:
+        step = wave_sample_step(query.shape[0], n_bank, sample_step, block_q, block_n,
+                                splits_per_sm, n_sm)
+        n_bank = triton.cdiv(n_bank, step)
+    lay = candidate_layout(query.shape[0], n_bank, keep, block_q, block_n, chunk_tiles,
                            splits_per_sm, n_sm)
-    return lay, (query.shape[0], lay.n_splits * lay.out_slots)
+    return lay, (query.shape[0], lay.n_splits * lay.out_slots), step
 
 
 # A plain custom op (opaque to inductor, one graph with dynamo): inductor re-emits the
@@ -323,15 +451,25 @@ def knn_candidates(
     chunk_tiles: int,
     rounds: int,
     maxnreg: int,
+    sample_step: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-split top-``keep`` candidates of every query; see the module docstring.
+
+    ``query`` ``(B, D)``, ``bank`` ``(M, D)``, ``bias`` ``(M,)`` (any stride; unused unless
+    ``has_bias``), ``tau`` ``(B,)`` fp32. With ``sample_step > 0`` only a strided sample of
+    the bank is searched, about every ``sample_step``-th row (see :func:`wave_sample_step`),
+    and the indices are the sample's rows.
 
     Returns ``(values, indices)`` of shape ``(B, n_splits * out_slots)`` (fp32, int32): the
     scores ``bias + scale * q.b`` of each split's best candidates, ``+inf`` (index 0) in unused
     slots.
     """
-    lay, shape = _candidates_shape(query, bank, keep, block_q, block_n, chunk_tiles,
-                                   splits_per_sm)
+    lay, shape, step = _candidates_shape(query, bank, keep, block_q, block_n, chunk_tiles,
+                                         splits_per_sm, sample_step)
+    if step > 1:
+        bank = bank[::step]
+        if has_bias:
+            bias = bias[::step]
     n_query, dim = query.shape
     dev = query.device
     scratch = (n_query, lay.n_splits, lay.capacity)
@@ -344,7 +482,8 @@ def knn_candidates(
         _launcher(num_warps, num_stages, maxnreg)[grid](
             query, bank, bias, tau, scratch_val, scratch_idx, values, indices,
             n_query, bank.shape[0], lay.rows_per_split, lay.n_splits, query.stride(0),
-            bank.stride(0), scale, D=dim, K=keep, KP=lay.out_slots, C=lay.capacity, CH=32,
+            bank.stride(0), bias.stride(0) if has_bias else 1, scale, D=dim, K=keep,
+            KP=lay.out_slots, C=lay.capacity, CH=32,
             T=chunk_tiles, E=rounds, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
             HAS_BIAS=has_bias, PRECISION=precision,
         )
@@ -354,10 +493,10 @@ def knn_candidates(
 @knn_candidates.register_fake
 def _knn_candidates_fake(query, bank, bias, tau, scale, has_bias, keep, block_q, block_n,
                          block_d, num_warps, num_stages, splits_per_sm, precision, chunk_tiles,
-                         rounds, maxnreg):
+                         rounds, maxnreg, sample_step):
     """Shapes and dtypes of :func:`knn_candidates`' outputs, for tracing."""
-    _, shape = _candidates_shape(query, bank, keep, block_q, block_n, chunk_tiles,
-                                 splits_per_sm)
+    _, shape, _ = _candidates_shape(query, bank, keep, block_q, block_n, chunk_tiles,
+                                    splits_per_sm, sample_step)
     return (query.new_empty(shape, dtype=torch.float32),
             query.new_empty(shape, dtype=torch.int32))
 
@@ -378,3 +517,67 @@ def knn_gather_distances(
         D=dim, BLOCK_K=block_k, BLOCK_D=block_d, COSINE=cosine, num_warps=4,
     )
     return out
+
+
+def _select_launch(values: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor,
+                   query: torch.Tensor, bias_max: torch.Tensor, prev: torch.Tensor,
+                   tau: torch.Tensor, sel: torch.Tensor, scale: float, margin_scale: float,
+                   keep: int, affine: bool, has_bias: bool, has_bmax: bool, has_prev: bool,
+                   select: bool) -> None:
+    n_query, n_cols = values.shape
+    dim = 16 if select else query.shape[1]  # the query is read only for the bound
+    chunk = min(2048, triton.next_power_of_2(n_cols))
+    wrap_triton(_select_kernel)[(n_query,)](
+        values, indices, bias, query, bias_max, prev, tau, sel,
+        n_query, n_cols, values.stride(0), values.stride(1), bias.stride(0) if has_bias else 1,
+        query.stride(0),
+        scale, margin_scale, K=keep, R=1, CH=chunk, D=dim,
+        BLOCK_D=min(512, triton.next_power_of_2(dim)), AFFINE=affine, HAS_BIAS=has_bias,
+        HAS_BMAX=has_bmax, HAS_PREV=has_prev, SELECT=select, num_warps=4,
+    )
+
+
+@triton_op("selectorch::knn_threshold", mutates_args=())
+def knn_threshold(
+    scores: torch.Tensor,
+    query: torch.Tensor,
+    bias: torch.Tensor,
+    bias_max: torch.Tensor,
+    prev: torch.Tensor,
+    scale: float,
+    margin_scale: float,
+    keep: int,
+    affine: bool,
+    has_bias: bool,
+    has_bmax: bool,
+    has_prev: bool,
+) -> torch.Tensor:
+    """Per-query upper bound ``(B,)`` on the ``keep``-th smallest score, from a sample's scores.
+
+    ``scores`` ``(B, N)`` fp32 (any strides): the scores themselves, or
+    (``affine``) products ``q.b`` that become ``scale * q.b + bias[j]`` (``bias`` ``(N,)``,
+    any stride, when ``has_bias``). The bound is the ``keep``-th smallest score plus the
+    margin ``margin_scale * |q| * b_max * 1.01`` (``query`` ``(B, D)``; ``b_max`` the square
+    root of the 0-d ``bias_max`` when ``has_bmax``, else 1), ``+inf`` where not finite, and
+    not above ``prev`` ``(B,)`` when ``has_prev``. NaN scores rank last. Tensors that a flag
+    leaves unused may be any tensor (they are not read).
+    """
+    tau = torch.empty(scores.shape[0], dtype=torch.float32, device=scores.device)
+    _select_launch(scores, scores, bias, query, bias_max, prev, tau, tau, scale, margin_scale,
+                   keep, affine, has_bias, has_bmax, has_prev, False)
+    return tau
+
+
+@triton_op("selectorch::knn_select", mutates_args=())
+def knn_select(values: torch.Tensor, indices: torch.Tensor, keep: int) -> torch.Tensor:
+    """``indices[b, j]`` of the ``keep`` smallest ``values[b, j]`` of every row, ``(B, keep)``.
+
+    ``values`` ``(B, N)`` fp32 and ``indices`` ``(B, N)`` int32 with the same strides,
+    ``N >= keep``.
+    Ties at the ``keep``-th value go to the first positions; the output is in position order,
+    not sorted. Replaces ``indices.gather(1, values.topk(keep, largest=False).indices)``.
+    """
+    sel = torch.empty((values.shape[0], keep), dtype=torch.int32, device=values.device)
+    _select_launch(values, indices, values, values, values, values, values, sel, 1.0, 0.0,
+                   keep, False, False, False, False, True)
+    return sel

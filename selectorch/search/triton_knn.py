@@ -4,14 +4,14 @@ The plain search (:func:`selectorch.functional.knn_search`) writes a ``(B, chunk
 scores per chunk and runs ``topk`` on it, so it moves the bank once and the scores several
 times. Here one kernel streams the bank in tiles, computes ``q.b`` on the tensor cores with
 fp32 accumulation and keeps, per query and per slice of the bank, a buffer holding the exact
-top candidates of that slice; only scores below a per-query bound (from two bank samples) are
-ever written, never the ``(B, M)`` matrix. A ``topk`` over the small
-``(B, slices * out_slots)`` candidate buffer merges the slices, and the distances of the chosen
-neighbours are recomputed exactly in fp32 from the stored rows (and re-ranked), as the plain
-path does. Triton is imported only when the kernel first runs, so this module imports on
-machines without it.
+top candidates of that slice; only scores below a per-query bound (from two bank samples, each
+reduced to its bound by one selection kernel) are ever written, never the ``(B, M)`` matrix.
+A selection kernel over the small ``(B, slices * out_slots)`` candidate buffer merges the
+slices, and the distances of the chosen neighbours are recomputed exactly in fp32 from the
+stored rows (and re-ranked), as the plain path does. Triton is imported only when the kernel
+first runs, so this module imports on machines without it.
 
-Both kernels are ``torch.library`` custom ops (the candidates kernel an opaque one, so that its
+The kernels are ``torch.library`` custom ops (the candidates kernel an opaque one, so that its
 launch options survive compilation): ``torch.compile(fullgraph=True)`` keeps them in one graph.
 """
 
@@ -107,7 +107,8 @@ def _default_config(n_query: int, dim: int, dtype: torch.dtype) -> dict[str, Any
     # few queries: the pass is bound by reading the bank, a second sample costs more than the
     # candidates it saves
     cfg: dict[str, Any] = dict(block_d=block_d, splits_per_sm=2, chunk_tiles=4, rounds=2,
-                               maxnreg=0, sample=True, sample_step=128, refine_step=0)
+                               maxnreg=0, sample=True, sample_step=128, refine_step=0,
+                               refine_splits_per_sm=1)
     if n_query <= 16:
         return dict(cfg, block_q=16, block_n=128, num_warps=4, num_stages=4)
     if n_query <= 32:
@@ -132,6 +133,11 @@ def _sample_step(n_query: int, n_bank: int, n_sel: int, step: int) -> int:
     """Row step of the bank sample: at least 16 ``n_sel`` rows, at most ~2**24 scores in all."""
     step = max(step, n_bank * n_query // _SAMPLE_SCORES)
     return max(1, min(step, n_bank // (16 * n_sel)))
+
+
+#: Queries from which the selection kernels (one program per query) replace ``topk``: with
+#: fewer, their few programs run too long (at 1 query, 0.4 ms instead of ~0.05).
+SELECT_MIN_QUERIES = 128
 
 
 def _bound(kth: torch.Tensor, query_k: torch.Tensor, bias: torch.Tensor | None, scale: float,
@@ -193,33 +199,70 @@ def _threshold(
 ) -> torch.Tensor:
     """The kernel's starting threshold (B,): an upper bound on each query's n_sel-th score.
 
-    A small strided sample through torch gives a first bound; a larger one (every
-    ``refine_step``-th row) through the kernel itself, starting from that bound, a tighter
-    one, so that the full pass appends only ~``n_sel * refine_step`` candidates per query.
+    A small strided sample (every ``step``-th row) through torch's product gives a first
+    bound; a larger one (about every ``refine_step``-th row, rounded so that its programs fill
+    one wave) through the candidates kernel itself, starting from that bound, a tighter one,
+    so that the full pass appends only ~``n_sel * refine_step`` candidates per query. Each
+    bound is the sample's ``n_sel``-th smallest score (:func:`knn_threshold`, one kernel that
+    also adds the rounding margin and keeps the smaller of the two bounds): the sample's rows
+    are bank rows, so it bounds the bank's. The margin covers the rounding of the sample's
+    scores against the kernel's (``rel_error`` of ``|scale| |q| max|b|``). A bound that is too
+    high costs time, never correctness. With fewer than :data:`SELECT_MIN_QUERIES` queries
+    ``topk`` and element-wise ops replace the selection kernel.
+
+    Args:
+        query_k: ``(B, D)`` queries in the bank's dtype.
+        bank: ``(M, D)`` bank.
+        bias: ``(M,)`` fp32 squared norms (euclidean); unused for cosine.
+        scale: Factor of the products in the scores (``-2`` euclidean, ``-1`` cosine).
+        cosine: Whether the metric is cosine (no bias).
+        n_sel: Rank whose score is bounded.
+        precision: The kernel's ``tl.dot`` precision.
+        cfg: Kernel options (:func:`_default_config`).
+
+    Returns:
+        ``(B,)`` fp32 bounds, ``+inf`` where there is none.
     """
     n_query, dim = query_k.shape
-    if not cfg["sample"]:
+    step = _sample_step(n_query, bank.shape[0], n_sel, cfg["sample_step"])
+    if not cfg["sample"] or step < 4:
         return torch.full((n_query,), float("inf"), device=bank.device)
+    ops = _kernels()
     # products of half (or three-pass tf32) inputs are exact in fp32, so the sample's scores
     # and the kernel's differ only by the order of their fp32 sums: within 2 D 2**-24 |q| |b|
     # (twice that margin here); plain tf32 rounds the inputs too
     tf32 = bank.dtype == torch.float32 and precision == "tf32"
     rel_error = 2.0**-7 if tf32 else dim * 2.0**-22
+    margin = rel_error * abs(scale)
+    small = n_query < SELECT_MIN_QUERIES  # few queries: torch's topk instead of the kernels
     bias_or_none = None if cosine else bias
-    step = _sample_step(n_query, bank.shape[0], n_sel, cfg["sample_step"])
-    tau = _sample_threshold(query_k, bank, bias_or_none, scale, n_sel, step, rel_error)
+    if small:
+        tau = _sample_threshold(query_k, bank, bias_or_none, scale, n_sel, step, rel_error)
+    else:
+        sample = bank[::step]
+        if query_k.dtype == torch.float32:
+            prod = query_k @ sample.T
+        else:  # half inputs, fp32 output: the same exact products and fp32 sums as the kernel
+            prod = torch.mm(query_k, sample.T, out_dtype=torch.float32)
+        # cosine: no bias, b_max = 1 (unused tensors below are placeholders, never read)
+        bias_max = prod if cosine else bias.max()
+        sample_bias = prod if cosine else bias[::step]
+        tau = ops.knn_threshold(prod, query_k, sample_bias, bias_max, prod, scale, margin,
+                                n_sel, True, not cosine, not cosine, False)
     fine = cfg["refine_step"]
     if fine and step >= 4 * fine:
-        sub = bank[::fine]
-        sub_bias = bias if cosine else bias[::fine].contiguous()
-        sub_vals, _ = _kernels().knn_candidates(
-            query_k, sub, sub_bias, tau, scale, not cosine, n_sel,
+        sub_vals, _ = ops.knn_candidates(
+            query_k, bank, bias, tau, scale, not cosine, n_sel,
             cfg["block_q"], cfg["block_n"], cfg["block_d"], cfg["num_warps"],
-            cfg["num_stages"], cfg["splits_per_sm"], precision, cfg["chunk_tiles"],
-            cfg["rounds"], cfg["maxnreg"],
+            cfg["num_stages"], cfg["refine_splits_per_sm"], precision, cfg["chunk_tiles"],
+            cfg["rounds"], cfg["maxnreg"], fine,
         )
-        kth = sub_vals.topk(n_sel, dim=1, largest=False, sorted=False).values.amax(dim=1)
-        tau = torch.minimum(tau, _bound(kth, query_k, bias_or_none, scale, rel_error))
+        if small:
+            kth = sub_vals.topk(n_sel, dim=1, largest=False, sorted=False).values.amax(dim=1)
+            tau = torch.minimum(tau, _bound(kth, query_k, bias_or_none, scale, rel_error))
+        else:
+            tau = ops.knn_threshold(sub_vals, query_k, sub_vals, bias_max, tau, 1.0, margin,
+                                    n_sel, False, False, not cosine, True)
     return tau
 
 
@@ -310,10 +353,14 @@ def _fused_search(
     values, cand = ops.knn_candidates(
         query_k, bank, bias, tau, scale, not cosine, n_sel,
         cfg["block_q"], cfg["block_n"], cfg["block_d"], cfg["num_warps"], cfg["num_stages"],
-        cfg["splits_per_sm"], precision, cfg["chunk_tiles"], cfg["rounds"], cfg["maxnreg"],
+        cfg["splits_per_sm"], precision, cfg["chunk_tiles"], cfg["rounds"], cfg["maxnreg"], 0,
     )
-    pos = values.topk(n_sel, dim=1, largest=False, sorted=False).indices
-    chosen = cand.gather(1, pos)
+    # merge the splits: the bank rows of the n_sel smallest candidate scores (B, n_sel)
+    if n_query >= SELECT_MIN_QUERIES:
+        chosen = ops.knn_select(values, cand, n_sel)
+    else:
+        pos = values.topk(n_sel, dim=1, largest=False, sorted=False).indices
+        chosen = cand.gather(1, pos)
     dist = ops.knn_gather_distances(query_f, bank, chosen, cosine)
     dist, order = dist.topk(k, dim=1, largest=False, sorted=True)
     return dist.to(out_dtype), chosen.gather(1, order).long()

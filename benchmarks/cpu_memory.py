@@ -101,9 +101,11 @@ def main() -> None:
             runs.append(cc.run_worker(sys.executable, SCRIPT, worker_args, args.threads))
         except (RuntimeError, subprocess.SubprocessError) as err:
             sys.exit(str(err))
-    extra = cc.median([r["peak_mb"] - r["baseline_mb"] for r in runs])
+    extras = [r["peak_mb"] - r["baseline_mb"] for r in runs]
+    extra = cc.median(extras)
     bank_mb, batch_mb = runs[0]["bank_mb"], runs[0]["batch_mb"]
     ratio = extra / (bank_mb + batch_mb)
+    worst = max(extras) / (bank_mb + batch_mb)  # malloc's reuse of freed pages varies by run
     figures = {
         "command": command,
         "machine": cc.machine(),
@@ -114,6 +116,7 @@ def main() -> None:
         "bank_mb": bank_mb,
         "batch_mb": batch_mb,
         "ratio": ratio,
+        "worst_ratio": worst,
         "met": ratio <= 1.2,
     }
     print(f"command: {command}")
@@ -128,7 +131,10 @@ def main() -> None:
         f"fit adds {extra:.1f} MiB"
     )
     print(f"  bank {bank_mb:.1f} MiB + one batch {batch_mb:.2f} MiB")
-    print(f"  ratio (peak - baseline) / (bank + batch): {ratio:.2f}x")
+    print(
+        f"  ratio (peak - baseline) / (bank + batch): {ratio:.2f}x "
+        f"(worst of {args.repeats}: {worst:.2f}x)"
+    )
     print(f"  target (<= 1.2x): {'met' if figures['met'] else 'not met'}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))

@@ -5,6 +5,7 @@ Every check raises an error that names the argument, what was expected and what 
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterable
 from typing import Any
@@ -82,15 +83,27 @@ def check_matrix(name: str, value: Any, *, dim: int | None = None) -> torch.Tens
 
 
 def check_finite_rows(name: str, value: torch.Tensor) -> torch.Tensor:
-    """Raise ``ValueError`` counting the rows of ``value`` that hold NaN or Inf."""
+    """Raise ``ValueError`` counting the rows of ``value`` that hold NaN or Inf.
+
+    ``value`` is checked in blocks of about 2**20 entries, so the temporaries stay small
+    whatever its size (a whole-tensor check would build masks of the bank's size); the count is
+    read once at the end, and the first bad rows are searched for only when there are some.
+    """
     from selectorch.functional.finite import finite_rows  # functional imports this module
 
-    bad = ~finite_rows(value)
-    n_bad = int(bad.sum())
+    rows = value.shape[0]
+    step = max(1, 2**20 // max(1, math.prod(value.shape[1:])))
+    blocks = [value[start : start + step] for start in range(0, rows, step)]
+    n_bad = int(sum((~finite_rows(block)).sum() for block in blocks))  # one read, at the end
     if n_bad:
-        first = bad.nonzero().flatten()[:5].tolist()
+        first: list[int] = []
+        for index, block in enumerate(blocks):
+            bad = (~finite_rows(block)).nonzero().flatten()[: 5 - len(first)]
+            first += [index * step + row for row in bad.tolist()]
+            if len(first) == 5:
+                break
         raise ValueError(
-            f"Argument `{name}` has {n_bad} of {value.shape[0]} rows with NaN or Inf "
+            f"Argument `{name}` has {n_bad} of {rows} rows with NaN or Inf "
             f"(first rows: {first}); remove them before fitting or calibrating."
         )
     return value

@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from selectorch._checks import check_int
 from selectorch.data import iter_batches, module_device, to_device
 from selectorch.distributed.collectives import gather_dataset, is_distributed, sampler_indices
 from selectorch.functional.logits import logit_predictions
-from selectorch.memory import check_stacking
+from selectorch.memory import check_fits, check_stacking, tensor_nbytes
 from selectorch.nonfinite import drop_nonfinite as _drop_nonfinite
 from selectorch.progress import progress_bar
 from selectorch.recorded import is_recorded, recorded_inputs, recorded_layers
@@ -92,15 +93,6 @@ class Collected:
     preds: Any
     num_classes: int | None = None
     logits: Any = None
-
-    def stacked(self) -> Collected:
-        return Collected(
-            _concat(self.features),
-            torch.cat(self.labels) if self.labels else None,
-            torch.cat(self.preds) if self.preds else None,
-            self.num_classes,
-            torch.cat(self.logits) if self.logits else None,
-        )
 
 
 def gather_ranks(run: Collected, data: Any) -> Collected:
@@ -189,46 +181,193 @@ def collect_recorded(sel: Any, data: Any, y: torch.Tensor | None, desc: str) -> 
     )
 
 
+def expected_rows(data: Any) -> int | None:
+    """Rows one pass over ``data`` yields when it can be told in advance, else ``None``.
+
+    A tensor has its rows; a DataLoader that batches a sampler with a length yields
+    ``len(sampler)`` samples (less the last partial batch with ``drop_last``).
+    """
+    if isinstance(data, torch.Tensor):
+        return data.shape[0]
+    batch_size = getattr(data, "batch_size", None)
+    if not isinstance(data, DataLoader) or batch_size is None:
+        return None
+    try:
+        samples = len(data.sampler)
+    except TypeError:  # IterableDataset loaders
+        return None
+    return samples - samples % batch_size if data.drop_last else samples
+
+
+class RowBuffer:
+    """One ``(capacity, ...)`` buffer that batches of rows are copied into, in order.
+
+    A batch that does not fit (more batches, or larger ones, than announced) grows the buffer
+    by at least half, so every row is kept whatever the loader does.
+
+    Args:
+        first: The first ``(B, ...)`` batch; the buffer takes its dtype, device and row shape.
+        capacity: Rows to allocate (at least ``B``).
+        what: What is collected, for the message of a refused growth.
+    """
+
+    def __init__(self, first: torch.Tensor, capacity: int, what: str) -> None:
+        self.buffer = first.new_empty((max(capacity, first.shape[0]), *first.shape[1:]))
+        self.rows, self.what = 0, what
+        self.append(first)
+
+    def accepts(self, part: Any) -> bool:
+        """Whether ``part`` can be copied in as is (same row shape, dtype and device)."""
+        return (
+            isinstance(part, torch.Tensor)
+            and part.ndim == self.buffer.ndim
+            and part.shape[1:] == self.buffer.shape[1:]
+            and part.dtype == self.buffer.dtype
+            and part.device == self.buffer.device
+        )
+
+    def append(self, part: torch.Tensor) -> None:
+        """Copy ``part``'s rows after those already held, growing the buffer if needed."""
+        end = self.rows + part.shape[0]
+        if end > self.buffer.shape[0]:
+            capacity = max(end, self.buffer.shape[0] * 3 // 2)
+            check_fits(
+                tensor_nbytes((capacity, *self.buffer.shape[1:]), self.buffer.dtype),
+                self.buffer.device,
+                f"{self.what} (growing the buffer to {capacity} rows: more rows than announced)",
+            )
+            grown = self.buffer.new_empty((capacity, *self.buffer.shape[1:]))
+            grown[: self.rows].copy_(self.buffer[: self.rows])
+            self.buffer = grown
+        self.buffer[self.rows : end].copy_(part)
+        self.rows = end
+
+    def filled(self) -> torch.Tensor:
+        """The rows copied in: a view of the buffer, or a copy if most of it is unused."""
+        rows = self.buffer.narrow(0, 0, self.rows)
+        return rows.clone() if self.buffer.shape[0] - self.rows > self.rows else rows
+
+
+class Features:
+    """What a pass over a dataset records batch by batch (features, labels, ...), stacked.
+
+    When the number of batches is known, the first batch sets the size of one buffer per
+    tensor (``rows`` if known, else ``batches`` times the first batch's rows) and every batch is
+    copied in: the pass holds the stacked features once, where keeping the batches and
+    concatenating them needs twice as much. Batches of unknown number, or that change shape or
+    dtype along the way, are kept in a list and concatenated.
+
+    Args:
+        batches: Number of batches, or ``None`` if unknown.
+        rows: Total rows, if known (checked against the first batch).
+        what: What is collected, for the memory messages.
+    """
+
+    def __init__(self, batches: int | None, rows: int | None, what: str) -> None:
+        self.total, self.rows, self.what = batches, rows, what
+        self.count = 0
+        self.parts: list[Any] = []
+        self.buffers: dict[Any, RowBuffer] | None = None
+
+    def _capacity(self, first: torch.Tensor) -> int:
+        size, batches = first.shape[0], self.total or 1
+        if self.rows is not None and size * (batches - 1) < self.rows <= size * batches:
+            return self.rows  # the first batch is a full one of the announced rows
+        return size * batches
+
+    def add(self, feats: Any) -> None:
+        """Record one batch: a ``(B, ...)`` tensor or a dict of them."""
+        self.count += 1
+        named = feats if isinstance(feats, dict) else {None: feats}
+        if self.count == 1 and self.total is not None and _tensors_with_rows(named):
+            # refuse now a buffer that will not fit, before the model runs over the data
+            check_stacking([feats], self.total, self.what, preallocate=True)
+            self.buffers = {
+                key: RowBuffer(value, self._capacity(value), self.what)
+                for key, value in named.items()
+            }
+            return
+        if self.buffers is not None:
+            if named.keys() == self.buffers.keys() and all(
+                self.buffers[key].accepts(value) for key, value in named.items()
+            ):
+                for key, value in named.items():
+                    self.buffers[key].append(value)
+                return
+            self.parts, self.buffers = [self._filled()], None  # a batch unlike the first
+        self.parts.append(feats)
+        if self.count == 1 and self.total is not None:  # refuse now a bank that will not fit
+            check_stacking(self.parts, self.total, self.what)
+
+    def _filled(self) -> Any:
+        named = {key: buffer.filled() for key, buffer in (self.buffers or {}).items()}
+        return named[None] if None in named else named
+
+    def stacked(self) -> Any:
+        """Every batch's rows in order: a tensor, or a dict of tensors."""
+        if self.buffers is not None:
+            return self._filled()
+        check_stacking(self.parts, None, self.what)
+        return _concat(self.parts)
+
+
+def _tensors_with_rows(named: Mapping[Any, Any]) -> bool:
+    return bool(named) and all(
+        isinstance(value, torch.Tensor) and value.ndim >= 1 for value in named.values()
+    )
+
+
 @torch.no_grad()
 def collect(
     sel: Any, data: Any, y: torch.Tensor | None, batch_size: int, progress: bool, desc: str
 ) -> Collected:
-    """Run the model over ``data``; stack the score inputs, labels and predictions."""
+    """Run the model over ``data``; stack the score inputs, labels and predictions.
+
+    The features are new tensors, never the caller's: a score may overwrite them while fitting.
+    """
     if is_recorded(data):  # a TensorDict from selectorch.record, or its cache directory
         return collect_recorded(sel, data, y, desc)
     check_int("batch_size", batch_size)
     device = module_device(sel.model)
-    parts = Collected([], [], [], logits=[])
     keep_logits = getattr(sel.score, "needs_losses", False)  # DEUP fits on the model loss
     total = batch_count(data, batch_size)
+    # every per-batch tensor kept goes into a buffer: none stays behind between two batches
+    # (small tensors kept batch after batch would also fragment the heap under the next ones)
+    rows = expected_rows(data)
+    kept = {
+        name: Features(total, rows, f"Recording {name} for {desc}")
+        for name in ("features", "labels", "preds", "logits")
+    }
+    num_classes = None
     batches = iter_batches(data, y, batch_size=batch_size)
     with eval_mode(sel.model):
         for batch in progress_bar(batches, desc=desc, total=total, enabled=progress):
             args, kwargs = to_device(batch.args, device), to_device(batch.kwargs, device)
             output, feats = sel._run(args, kwargs)
-            parts.features.append(feats)
-            if len(parts.features) == 1:  # refuse now a bank that will not fit
-                check_stacking(parts.features, total, f"Recording features for {desc}")
+            kept["features"].add(feats)
             first = next(iter(feats.values())) if isinstance(feats, dict) else feats
             if batch.labels is not None:
-                parts.labels.append(batch.labels.to(first.device))
+                kept["labels"].add(batch.labels.to(first.device))
             logits = logits_from_output(output)
-            preds, num_classes = class_predictions(logits, first.shape[0], sel.score)
+            preds, classes = class_predictions(logits, first.shape[0], sel.score)
             if preds is not None:
-                parts.preds.append(preds.to(first.device))
-                parts.num_classes = num_classes
+                kept["preds"].add(preds.to(first.device))
+                num_classes = classes
             if keep_logits and logits is not None:
-                parts.logits.append(logits.to(first.device))
-    if not parts.features:
+                kept["logits"].add(logits.to(first.device))
+            del batch, output, feats, first, logits, preds  # hold no batch during the next one
+    count = kept["features"].count
+    if not count:
         raise ValueError(
             f"Expected argument `data` to yield at least one batch for {desc}, got none."
         )
     for name in ("labels", "preds"):
-        got = len(getattr(parts, name))
-        if got and got != len(parts.features):
+        got = kept[name].count
+        if got and got != count:
             raise ValueError(
-                f"Only {got} of {len(parts.features)} batches carried {name}; every batch "
-                "must, or none."
+                f"Only {got} of {count} batches carried {name}; every batch must, or none."
             )
-    check_stacking(parts.features, None, f"Recording features for {desc}")
-    return parts.stacked()
+    stacked = {name: part.stacked() if part.count else None for name, part in kept.items()}
+    return Collected(
+        stacked["features"], stacked["labels"], stacked["preds"], num_classes, stacked["logits"]
+    )

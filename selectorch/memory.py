@@ -147,21 +147,30 @@ def nbytes(features: Any) -> int:
     return sum(t.numel() * t.element_size() for t in _tensors(features))
 
 
-def check_stacking(parts: list[Any], batches: int | None, what: str) -> None:
+def check_stacking(
+    parts: list[Any], batches: int | None, what: str, *, preallocate: bool = False
+) -> None:
     """Refuse a pass over a dataset whose stacked features would not fit, as early as possible.
 
     Called after the first batch (``len(parts) == 1``) with the number of batches when the
     loader has a length: the projected total is checked before the model has run over the
-    whole dataset. Called again before stacking (``batches=None``), when the concatenation
+    whole dataset. With ``preallocate=True`` the batches are copied into one buffer allocated
+    now, which needs the total once; otherwise they are kept and concatenated at the end, which
+    needs it twice. Called again before stacking (``batches=None``), when the concatenation
     needs as many bytes again as the batches already hold.
 
     Args:
         parts: The batches of features recorded so far (tensors or mappings of tensors).
         batches: Total number of batches, or ``None`` to check the concatenation of ``parts``.
         what: What is being collected, for the message.
+        preallocate: Whether the batches go into one buffer of ``batches`` times the first
+            batch's bytes (with ``batches`` given).
 
     Raises:
         MemoryLimitError: The features (and their concatenation) would not fit.
+
+    Example:
+        >>> check_stacking([torch.zeros(4, 2)], 3, "features", preallocate=True)  # fits
     """
     tensors = _tensors(parts)
     if not tensors:
@@ -169,6 +178,10 @@ def check_stacking(parts: list[Any], batches: int | None, what: str) -> None:
     held = nbytes(parts)
     if batches is None:
         needed, detail = held, f"concatenating {len(parts)} batches"
+    elif preallocate:
+        # one buffer for every batch; the batches themselves come and go one at a time
+        needed = nbytes(parts[0]) * batches
+        detail = f"{batches} batches of {format_bytes(nbytes(parts[0]))}, preallocated"
     else:
         # the batches, then their concatenation: twice the total, minus what is already held
         needed = 2 * nbytes(parts[0]) * batches - held

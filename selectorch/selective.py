@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -23,6 +25,7 @@ from selectorch.data import module_device, to_device
 from selectorch.distributed.collectives import replicated_inputs
 from selectorch.functional.finite import finite_rows
 from selectorch.gradients import gradient_run
+from selectorch.recorded import is_recorded
 from selectorch.recorder.hooks import LayerHooks
 from selectorch.recorder.layers import check_not_compiled, get_layer
 from selectorch.recorder.pooling import Pool
@@ -52,6 +55,19 @@ class SelectiveOutput(NamedTuple):
     output: Any
     score: torch.Tensor
     selected: torch.Tensor
+
+
+@functools.lru_cache(maxsize=256)
+def _fit_takes_copy(score_type: type) -> bool:
+    """Whether ``score_type.fit`` takes a ``copy`` keyword (a subclass may override it without)."""
+    try:
+        parameter = inspect.signature(score_type.fit).parameters.get("copy")
+    except (TypeError, ValueError):  # no signature to read
+        return False
+    return parameter is not None and parameter.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+    )
 
 
 def _finite_rows(tensors: Iterable[Any], batch: int, device: torch.device) -> torch.Tensor:
@@ -380,6 +396,8 @@ class SelectiveModel(nn.Module):
         """
         self._sync_head()
         run = gather_ranks(collect(self, data, y, batch_size, progress, "fit"), data)
+        # features recorded here are ours (a recording's are the user's): the fit may reuse them
+        reuse = not is_recorded(data) and _fit_takes_copy(type(self.score))
         if drop_nonfinite:
             run = finite_only(run, "fit data")
         labels = run.labels
@@ -392,7 +410,10 @@ class SelectiveModel(nn.Module):
             labels = torch.nn.functional.cross_entropy(
                 run.logits.float(), run.labels.long(), reduction="none"
             )
-        self.score.fit(run.features, labels)
+        if reuse:
+            self.score.fit(run.features, labels, copy=False)
+        else:
+            self.score.fit(run.features, labels)
         return self
 
     def calibrate(

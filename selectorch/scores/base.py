@@ -53,6 +53,11 @@ def round_down(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(above, lower, out)
 
 
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` share memory (one may be a view of the other)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 class Score(ThresholdMixin, nn.Module, ABC):
     """Base class of uncertainty scores.
 
@@ -95,6 +100,9 @@ class Score(ThresholdMixin, nn.Module, ABC):
     fitted_buffers: ClassVar[tuple[str, ...]] = ()
     #: Name in the score registry (set by :func:`register_score`).
     registry_name: ClassVar[str] = ""
+    #: True only while :meth:`fit` runs :meth:`_fit` on an ``X`` that it may overwrite in place
+    #: (``fit(..., copy=False)``, or ``X`` converted to the module's dtype, a copy already).
+    _fit_may_overwrite: bool = False
 
     threshold_: torch.Tensor
     calibration_scores_: torch.Tensor
@@ -108,7 +116,10 @@ class Score(ThresholdMixin, nn.Module, ABC):
     # -- to implement -------------------------------------------------------------------------
 
     def _fit(self, X: torch.Tensor, y: torch.Tensor | None) -> None:
-        """Fill the fitted buffers from checked, finite ``X``."""
+        """Fill the fitted buffers from checked, finite ``X``.
+
+        ``X`` is the caller's tensor: overwrite it only when ``self._fit_may_overwrite``.
+        """
 
     @abstractmethod
     def _score(self, X: torch.Tensor) -> torch.Tensor:
@@ -277,7 +288,7 @@ class Score(ThresholdMixin, nn.Module, ABC):
     # -- fit, score, calibrate, select ---------------------------------------------------------
 
     @torch.no_grad()
-    def fit(self, X: torch.Tensor, y: torch.Tensor | None = None) -> Score:
+    def fit(self, X: torch.Tensor, y: torch.Tensor | None = None, *, copy: bool = True) -> Score:
         """Fit the score on reference data; fitting again replaces the old state.
 
         The score moves to the device of ``X`` (its state lives where the data is) and stores
@@ -286,6 +297,8 @@ class Score(ThresholdMixin, nn.Module, ABC):
         Args:
             X: ``(N, D)`` reference embeddings (or ``(N, C)`` logits for logit scores).
             y: Optional ``(N,)`` labels, for scores that use them.
+            copy: If False, fit may overwrite X in place (saves one copy of the bank); X must
+                not be used afterwards.
 
         Returns:
             ``self``.
@@ -304,9 +317,15 @@ class Score(ThresholdMixin, nn.Module, ABC):
             check_rows("y", y, X.shape[0], "X")
         # the fitted state lives where the data is, in the module's floating dtype
         self.to(X.device)
+        given = X
         X = X.to(self.threshold_.dtype)
         y = None if y is None else y.to(X.device)
-        self._fit(X, y)
+        # _fit may overwrite X when allowed, or when X is already a converted copy
+        self._fit_may_overwrite = not copy or not _same_storage(X, given)
+        try:
+            self._fit(X, y)
+        finally:
+            del self._fit_may_overwrite  # back to the class default, False
         self._refresh_derived()
         # a threshold belongs to the state it was calibrated on: drop it
         self.threshold_ = torch.empty(0, device=self.threshold_.device, dtype=self.threshold_.dtype)

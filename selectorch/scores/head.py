@@ -193,8 +193,14 @@ class HeadMixin:
             )
         return X
 
-    def fit(self, X: torch.Tensor, y: torch.Tensor | None = None) -> Any:
+    def fit(self, X: torch.Tensor, y: torch.Tensor | None = None, *, copy: bool = True) -> Any:
         """Fit on training features of the head's width (see :meth:`Score.fit`).
+
+        Args:
+            X: ``(N, D)`` training features, ``D`` the head's input width.
+            y: Optional ``(N,)`` labels, for scores that use them.
+            copy: If False, fit may overwrite X in place (saves one copy of the bank); X must
+                not be used afterwards.
 
         Raises:
             NotFittedError: No head was set.
@@ -208,7 +214,7 @@ class HeadMixin:
                 f"the input width of the classifier head (weight "
                 f"{tuple(self.head_weight_.shape)}), got {X.shape[1]} (shape {tuple(X.shape)})."
             )
-        return super().fit(X, y)  # type: ignore[misc]
+        return super().fit(X, y, copy=copy)  # type: ignore[misc]
 
 
 @register_score("vim")

@@ -47,6 +47,8 @@ from selectorch.search.triton_knn import fused_knn_search, use_fused
 KNN_METRICS = (*METRICS, "mahalanobis")
 #: Search backends: exact chunked search on the bank's device, or hnswlib's graph on the CPU.
 BACKENDS = ("exact", "hnsw")
+#: ``eps`` of :func:`torch.nn.functional.normalize`, which :func:`prepare_bank` uses.
+NORMALIZE_EPS = 1e-12
 #: Options of the search alone: a state saved with one value loads into a score with another.
 SEARCH_OPTIONS = ("backend", "M", "ef_construction", "ef", "num_threads", "save_index")
 
@@ -193,10 +195,11 @@ class KNNScore(Score):
             )
 
     def _fit(self, X: torch.Tensor, y: torch.Tensor | None) -> None:
+        overwrite = self._fit_may_overwrite
         if self.outlier_q > 0:
-            self._build_bank(X)
-            X = X[self._inlier_rows()]
-        self._build_bank(X)
+            self._build_bank(X, overwrite=False)  # X is read again below
+            X, overwrite = X[self._inlier_rows()], True  # indexing made a copy: ours
+        self._build_bank(X, overwrite=overwrite)
         if self.shard:
             bank, sizes, rank = take_shard(self.bank_)
             self.bank_ = bank
@@ -228,19 +231,28 @@ class KNNScore(Score):
             )
         return rows
 
-    def _build_bank(self, X: torch.Tensor) -> None:
+    def _build_bank(self, X: torch.Tensor, *, overwrite: bool = False) -> None:
+        """``bank_`` from ``X``: a new tensor, or ``X`` itself changed in place if ``overwrite``.
+
+        In place, the euclidean and cosine banks need no memory beyond ``X``; the mahalanobis
+        bank (a matrix product) is always a new tensor.
+        """
         self._check_k(X.shape[0])
+        X = X.detach()
+        overwrite = overwrite and X.is_contiguous()  # never write through expanded rows
         if self.metric == "mahalanobis":
             stats = fit_gaussian_stats(X)
             whitener = whitening_matrix(pooled_covariance(stats), self.shrinkage)
             self._set_buffer("mean_", stats.means[0])
             self._set_buffer("whitener_", whitener)
-            self.bank_ = whiten(X.detach(), self.mean_, self.whitener_)
+            self.bank_ = whiten(X, self.mean_, self.whitener_)
         elif self.metric == "euclidean":
             self._set_buffer("mean_", X.mean(dim=0))
-            self.bank_ = X.detach() - self.mean_
+            self.bank_ = X.sub_(self.mean_) if overwrite else X - self.mean_
+        elif overwrite:  # cosine: as prepare_bank, F.normalize's eps included
+            self.bank_ = X.div_(X.norm(dim=1, keepdim=True).clamp_min(NORMALIZE_EPS))
         else:
-            self.bank_ = prepare_bank(X.detach(), self.metric).clone()
+            self.bank_ = prepare_bank(X, self.metric)
 
     def _refresh_derived(self) -> None:
         self._shard_offset, self._bank_rows = 0, self.bank_.shape[0]

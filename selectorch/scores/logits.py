@@ -89,7 +89,9 @@ class LogitScore(Score):
     def _check_input(self, X: Any, name: str = "X") -> torch.Tensor:
         return check_logits(X, self.task, ensemble=self.ensemble, name=name)
 
-    def fit(self, X: torch.Tensor, y: torch.Tensor | None = None) -> LogitScore:
+    def fit(
+        self, X: torch.Tensor, y: torch.Tensor | None = None, *, copy: bool = True
+    ) -> LogitScore:
         """Fit the temperature on held-out logits and labels; fitting again starts over.
 
         Only a score built with ``temperature=None`` fits its temperature, from ``y``; without
@@ -102,6 +104,8 @@ class LogitScore(Score):
             X: Logits shaped as ``task`` needs, without NaN or Inf.
             y: Optional labels: ``(N,)`` integer classes (multiclass), ``(N,)`` values in
                 ``[0, 1]`` (binary), ``(N, C)`` values in ``[0, 1]`` (multilabel).
+            copy: If False, fit may overwrite X in place (saves one copy of the bank); X must
+                not be used afterwards.
 
         Returns:
             ``self``.
@@ -116,7 +120,7 @@ class LogitScore(Score):
         # Score.fit takes (N, D) rows: hand it a 2-D view, and _fit the task's shape back
         self._fit_shape = tuple(X.shape[1:])
         try:
-            super().fit(X.reshape(X.shape[0], math.prod(self._fit_shape)), y)
+            super().fit(X.reshape(X.shape[0], math.prod(self._fit_shape)), y, copy=copy)
         finally:
             del self._fit_shape
         if self.temperature is None and y is None:

@@ -8,10 +8,9 @@ Its fit time and its scoring rate therefore include the model's forward (and bac
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ from tensordict import TensorDictBase
 from torch import nn
 
 from selectorch.bench.entries import Entry
+from selectorch.collect import eval_mode
 from selectorch.data import iter_batches, module_device, to_device
 from selectorch.scores.base import Score
 from selectorch.selective import SelectiveModel, class_predictions, logits_from_output
@@ -73,25 +73,13 @@ def check_raw(entries: list[Entry], datasets: Mapping[str, Any]) -> None:
             )
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode, then restore every module's flag."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
 def _run_split(
     sel: SelectiveModel, data: Any, batch_size: int, *, with_correct: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Scores, selections and (for ``with_correct``) correctness of one split, batch by batch."""
     device = module_device(sel.model)
     scores, selected, correct = [], [], []
-    with _eval_mode(sel.model), torch.no_grad():  # a requires_grad score re-enables grad
+    with eval_mode(sel.model), torch.no_grad():  # a requires_grad score re-enables grad
         for batch in iter_batches(data, batch_size=batch_size):
             args, kwargs = to_device(batch.args, device), to_device(batch.kwargs, device)
             out = sel(*args, **kwargs)

@@ -64,7 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     layers = sub.add_parser("layers", help="list the layer names a model offers to record")
     layers.add_argument("model", help="'torchvision:NAME' or 'module:function'")
-    sub.add_parser("scores", help="list the registered scores")
+    sub.add_parser(
+        "scores",
+        help="list the registered scores: input, input gradients, forward passes, one graph",
+    )
     from selectorch.bench.command import add_bench_parser
 
     add_bench_parser(sub)
@@ -73,10 +76,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         return _bench(args)
     if args.command == "scores":
-        from selectorch.scores import get_score_class, list_scores
+        from selectorch.scores import list_scores
 
-        for name in list_scores():
-            print(f"{name:12s} {get_score_class(name).__name__}")
+        yes = {True: "yes", False: "no"}
+        print(
+            f"{'name':22s} {'class':26s} {'input':10s} {'input grad':>10s} {'passes':>6s} "
+            f"{'full graph':>10s}"
+        )
+        for row in list_scores(details=True):
+            print(
+                f"{row['name']:22s} {row['class']:26s} {row['input']:10s} "
+                f"{yes[row['requires_grad']]:>10s} {row['passes']:>6d} "
+                f"{yes[row['compile_clean']]:>10s}"
+            )
         return 0
     try:
         model = build_model(args.model)

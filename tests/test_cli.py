@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import selectorch as st
 from selectorch import __version__
 from selectorch.cli import main
 
@@ -17,8 +18,14 @@ def test_version(capsys):
 
 def test_scores_lists_registered_names(capsys):
     assert main(["scores"]) == 0
-    out = capsys.readouterr().out
-    assert "knn" in out and "KNNScore" in out and "energy" in out
+    lines = capsys.readouterr().out.splitlines()
+    header = ["name", "class", "input", "input", "grad", "passes", "full", "graph"]
+    assert lines[0].split() == header
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert sorted(rows) == st.scores.list_scores()
+    assert rows["knn"] == ["KNNScore", "embedding", "no", "1", "yes"]
+    assert rows["odin"] == ["ODINScore", "logits", "yes", "2", "no"]
+    assert rows["dknn"] == ["DkNNScore", "multi", "no", "1", "yes"]
 
 
 def test_layers_of_a_torchvision_model(capsys):

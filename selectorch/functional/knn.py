@@ -88,7 +88,9 @@ def knn_search(
         bank: Reference embeddings, shape ``(M, D)`` with ``M >= k``.
         k: Number of neighbours.
         metric: ``"euclidean"`` or ``"cosine"``.
-        bank_sq_norms: Optional ``(M,)`` squared norms of the bank rows (euclidean only).
+        bank_sq_norms: Optional ``(M,)`` squared norms of the bank rows: euclidean distances
+            use them; for any metric, float32/64 norms spare the CPU path a finiteness pass
+            over the whole bank.
         chunk_size: Bank rows per chunk (at least ``k`` are used).
         bank_normalized: For cosine, whether ``bank`` rows already have unit norm
             (:func:`~selectorch.functional.distances.prepare_bank`); otherwise each chunk is
@@ -112,21 +114,21 @@ def knn_search(
     dtype = _work_dtype(query, bank)
     args = (query.to(dtype), bank, k, metric, bank_sq_norms, chunk_size, bank_normalized, dtype)
     with torch.autocast(query.device.type, enabled=False):
-        if _use_cpu_blocked(query, bank, metric, bank_sq_norms):
+        if _use_cpu_blocked(query, bank, bank_sq_norms):
             return _search_cpu(*args)
         return _search(*args)
 
 
 def _use_cpu_blocked(
-    query: torch.Tensor, bank: torch.Tensor, metric: str, bank_sq_norms: torch.Tensor | None
+    query: torch.Tensor, bank: torch.Tensor, bank_sq_norms: torch.Tensor | None
 ) -> bool:
     """Whether the blocked CPU path serves this search: eager mode, CPU, a large finite bank.
 
     Under ``torch.compile`` the plain loop is traced (one graph for every batch size). A bank
     row holding NaN or Inf would hide its group's other rows from the group minima of
     :func:`_chunk_topk`, so such banks take the plain path (where those rows rank last). A
-    row that is not finite has a norm that is not finite, so stored float norms are checked
-    instead of the whole bank when there are some.
+    row that is not finite has a norm that is not finite (whatever the metric), so stored float
+    norms are checked instead of the whole bank when there are some.
     """
     if torch.compiler.is_compiling() or query.device.type != "cpu" or bank.device.type != "cpu":
         return False
@@ -136,7 +138,7 @@ def _use_cpu_blocked(
         torch.float32,
         torch.float64,
     )
-    if metric == "euclidean" and norms_usable:
+    if norms_usable:
         return bool(torch.isfinite(bank_sq_norms).all())
     # step by step: torch.isfinite of a whole bank allocates more than the bank again
     step = _pass_rows(bank)

@@ -277,8 +277,8 @@ class KNNScore(Score):
 
     def _query(self, X: torch.Tensor) -> tuple[torch.Tensor, str, torch.Tensor | None]:
         """Queries in the bank's space, the search metric and the bank's squared norms."""
-        if self.metric == "cosine":
-            return X, "cosine", None
+        if self.metric == "cosine":  # the distances ignore the norms; the CPU path checks them
+            return X, "cosine", self.bank_sq_norms_
         if self.metric == "mahalanobis":
             X = whiten(X.to(self.whitener_.dtype), self.mean_, self.whitener_)
         else:

@@ -1,4 +1,4 @@
-"""PredictedClassMixin: scores that judge each row against its predicted class."""
+"""Mixins of scores that judge each row against its predicted class, from padded class banks."""
 
 from __future__ import annotations
 
@@ -188,3 +188,27 @@ class PredictedClassMixin:
             bound=bound,
             method=method,
         )
+
+
+class ClassBanksMixin:
+    """Accessors of a score that keeps one bank per class, padded in ``bank_`` ``(C, M_max, D)``.
+
+    Padding rows are ``+inf``, so a class's size is its number of finite rows.
+    """
+
+    bank_: torch.Tensor
+    is_fitted: bool
+    _check_fitted: Any
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class banks ``C`` (0 before fit)."""
+        return self.bank_.shape[0] if self.is_fitted else 0
+
+    def class_sizes(self) -> torch.Tensor:
+        """``(C,)`` number of reference rows kept per class (eager)."""
+        self._check_fitted()
+        return torch.isfinite(self.bank_[:, :, 0]).sum(dim=1)
+
+    def _expected_dim(self) -> int | None:
+        return self.bank_.shape[2] if self.is_fitted else None

@@ -13,12 +13,12 @@ from selectorch.functional.knn import DEFAULT_CHUNK_SIZE
 from selectorch.functional.neighbours import class_nearest_search, density_filter, trust_score
 from selectorch.scores.base import Score
 from selectorch.scores.mahalanobis import check_labels
-from selectorch.scores.predicted import PredictedClassMixin
+from selectorch.scores.predicted import ClassBanksMixin, PredictedClassMixin
 from selectorch.scores.registry import register_score
 
 
 @register_score("trust")
-class TrustScore(PredictedClassMixin, Score):
+class TrustScore(ClassBanksMixin, PredictedClassMixin, Score):
     """Inverse trust score (Jiang et al. 2018, "To trust or not to trust a classifier").
 
     ``fit(X, y)`` keeps, for every class, its reference rows minus the ``alpha`` fraction of
@@ -89,19 +89,6 @@ class TrustScore(PredictedClassMixin, Score):
         self.register_buffer("bank_sq_norms_", torch.empty(0, 0), persistent=False)
 
     # -- state ---------------------------------------------------------------------------------
-
-    @property
-    def num_classes(self) -> int:
-        """Number of class banks ``C`` (0 before fit)."""
-        return self.bank_.shape[0] if self.is_fitted else 0
-
-    def class_sizes(self) -> torch.Tensor:
-        """``(C,)`` number of reference rows kept per class (eager)."""
-        self._check_fitted()
-        return torch.isfinite(self.bank_[:, :, 0]).sum(dim=1)
-
-    def _expected_dim(self) -> int | None:
-        return self.bank_.shape[2] if self.is_fitted else None
 
     def _fit(self, X: torch.Tensor, y: torch.Tensor | None) -> None:
         name = type(self).__name__

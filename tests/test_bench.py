@@ -383,11 +383,20 @@ def test_guess_head_finds_the_final_linear_layer_and_its_input():
     assert guess_head(nn.Sequential(nn.Conv2d(1, 2, 3))) == (None, None)
 
 
-def one_line_error(capsys, argv: list[str], message: str) -> None:
-    assert main(["bench", *argv]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("selectorch: error:") and len(err.splitlines()) == 1, err
-    assert re.search(message, err), err
+def bench_error(capsys, argv: list[str]) -> tuple[int, str]:
+    """Exit code and stderr of ``selectorch bench ARGV``."""
+    code = main(["bench", *argv])
+    return code, capsys.readouterr().err.strip()
+
+
+def is_one_line_error(code: int, err: str, message: str) -> bool:
+    """Exit code 2 and one ``selectorch: error:`` line that matches ``message``."""
+    return (
+        code == 2
+        and err.startswith("selectorch: error:")
+        and len(err.splitlines()) == 1
+        and re.search(message, err) is not None
+    )
 
 
 @pytest.fixture(scope="module")
@@ -445,19 +454,23 @@ def test_bench_on_image_folders(image_folders, tmp_path, capsys):
     ],
 )
 def test_bench_argument_errors_are_one_line(argv, message, capsys):
-    one_line_error(capsys, argv, message)
+    code, err = bench_error(capsys, argv)
+    assert is_one_line_error(code, err, message), err
 
 
 def test_bench_bad_path_is_one_line(image_folders, capsys):
     r = image_folders
     base = ["--model", "selectorch.datasets:mnist_net", "--val", str(r / "val"),
             "--test", str(r / "test")]
-    one_line_error(capsys, [*base, "--train", "/no/such/dir"], "--train: no such directory")
-    one_line_error(capsys, [*base, "--train", str(r / "fashion")],
-                   "--train .*Couldn't find any class folder")
+    code, err = bench_error(capsys, [*base, "--train", "/no/such/dir"])
+    assert is_one_line_error(code, err, "--train: no such directory"), err
+    code, err = bench_error(capsys, [*base, "--train", str(r / "fashion")])
+    assert is_one_line_error(code, err, "--train .*Couldn't find any class folder"), err
     good = [*base, "--train", str(r / "train")]
-    one_line_error(capsys, [*good, "--ood", "x=/no/where"], "--ood x: no such directory")
-    one_line_error(capsys, [*good, "--ood", "nameless"], "expected NAME=DIR")
+    code, err = bench_error(capsys, [*good, "--ood", "x=/no/where"])
+    assert is_one_line_error(code, err, "--ood x: no such directory"), err
+    code, err = bench_error(capsys, [*good, "--ood", "nameless"])
+    assert is_one_line_error(code, err, "expected NAME=DIR"), err
 
 
 def test_bench_weights_that_do_not_fit_are_one_line(image_folders, tmp_path, capsys):
@@ -468,18 +481,20 @@ def test_bench_weights_that_do_not_fit_are_one_line(image_folders, tmp_path, cap
             "--val", str(r / "val"), "--test", str(r / "test")]
     other = tmp_path / "resnet.pt"
     torch.save(torchvision.models.resnet18().state_dict(), other)
-    one_line_error(capsys, [*base, "--weights", str(other)],
-                   r"do not fit MNISTNet: \d+ missing \(first 'features.0.weight'\)")
+    code, err = bench_error(capsys, [*base, "--weights", str(other)])
+    missing = r"do not fit MNISTNet: \d+ missing \(first 'features.0.weight'\)"
+    assert is_one_line_error(code, err, missing), err
     wrong_shape = mnist_net().state_dict()
     wrong_shape["classifier.2.weight"] = torch.zeros(5, 128)
     torch.save({"state_dict": wrong_shape}, tmp_path / "shape.pt")
-    one_line_error(capsys, [*base, "--weights", str(tmp_path / "shape.pt")],
-                   r"1 of another shape \(first 'classifier.2.weight': file \(5, 128\)")
+    code, err = bench_error(capsys, [*base, "--weights", str(tmp_path / "shape.pt")])
+    shape = r"1 of another shape \(first 'classifier.2.weight': file \(5, 128\)"
+    assert is_one_line_error(code, err, shape), err
     (tmp_path / "evil.pt").write_bytes(pickle.dumps(object()))
-    one_line_error(capsys, [*base, "--weights", str(tmp_path / "evil.pt")],
-                   "not readable with torch.load\\(weights_only=True\\)")
-    one_line_error(capsys, [*base, "--weights", str(tmp_path / "missing.pt")],
-                   "--weights: no such file")
+    code, err = bench_error(capsys, [*base, "--weights", str(tmp_path / "evil.pt")])
+    assert is_one_line_error(code, err, "not readable with torch.load\\(weights_only=True\\)"), err
+    code, err = bench_error(capsys, [*base, "--weights", str(tmp_path / "missing.pt")])
+    assert is_one_line_error(code, err, "--weights: no such file"), err
 
 
 # -- the embedded default: real data, every registered score that fits a multiclass model --------

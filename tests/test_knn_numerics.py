@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import selectorch.functional.knn as knn_module
+import selectorch.functional.knn_cpu as knn_cpu
+from selectorch.functional.topk import chunk_topk
 from selectorch.functional.distances import prepare_bank
 from selectorch.functional.knn import row_sq_norms
 from selectorch.scores import KNNScore
@@ -89,7 +91,7 @@ def blocked_search(monkeypatch, *args, block_elements=None, **kwargs):
     with monkeypatch.context() as m:
         m.setattr(knn_module, "_search_cpu", spy)
         if block_elements is not None:
-            m.setattr(knn_module, "CPU_BLOCK_ELEMENTS", block_elements)
+            m.setattr(knn_cpu, "CPU_BLOCK_ELEMENTS", block_elements)
         out = knn_module.knn_search(*args, **kwargs)
     assert calls, "the blocked CPU path was not taken"
     return out
@@ -179,7 +181,7 @@ def test_chunk_topk_is_exact(width, k):
     g = torch.Generator().manual_seed(width + k)
     d = torch.randn(40, width, generator=g)
     d[:5] = d[:5].round(decimals=1)  # many ties
-    values, columns = knn_module._chunk_topk(d, k)
+    values, columns = chunk_topk(d, k)
     ref = d.topk(k, dim=1, largest=False)
     assert torch.equal(values, ref.values)
     assert torch.equal(d.gather(1, columns), values)
@@ -221,7 +223,8 @@ def test_blocked_cpu_search_without_onednn_gives_the_same_neighbours(metric, mon
     kwargs = dict(metric=metric, bank_sq_norms=norms, chunk_size=1500, bank_normalized=True)
     d, i = blocked_search(monkeypatch, query, bank, 6, **kwargs)
     assert torch.equal(norms, kept), "the caller's norms were changed"
-    monkeypatch.setattr(knn_module, "_onednn_linear", lambda: None)
+    monkeypatch.setattr(knn_cpu, "onednn_linear", lambda: None)
+    monkeypatch.setattr(knn_cpu, "bf16_linear", lambda: None)
     d2, i2 = blocked_search(monkeypatch, query, bank, 6, **kwargs)
     assert torch.equal(i, i2)
     torch.testing.assert_close(d, d2, rtol=0, atol=1e-6)

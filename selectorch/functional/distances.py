@@ -65,3 +65,29 @@ def pairwise_distance(
     sq = (query.pow(2).sum(dim=1, keepdim=True) + bank_sq_norms) - 2.0 * (query @ bank.T)
     sq = sq.clamp_min(0.0)
     return sq if squared else sq.sqrt()
+
+
+def chunk_sq_norms(
+    part: torch.Tensor, bank_sq_norms: torch.Tensor | None, start: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Squared norms of one bank chunk in the search dtype.
+
+    Stored norms in half precision lose too much (or overflow): they are recomputed.
+
+    Args:
+        part: ``(c, D)`` the chunk's rows, already in ``dtype``.
+        bank_sq_norms: ``(M,)`` stored squared norms of the whole bank, or ``None``.
+        start: Index of the chunk's first row in the bank.
+        dtype: The search dtype.
+
+    Returns:
+        Tensor of shape ``(c,)``.
+
+    Example:
+        >>> chunk_sq_norms(torch.tensor([[3.0, 4.0]]), None, 0, torch.float32).tolist()
+        [25.0]
+    """
+    low = bank_sq_norms is None or bank_sq_norms.dtype in (torch.float16, torch.bfloat16)
+    if low:
+        return part.pow(2).sum(dim=1)
+    return bank_sq_norms[start : start + part.shape[0]].to(dtype)

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from selectorch._checks import check_choice, check_int
-from selectorch.functional.distances import METRICS, pairwise_distance, prepare_bank
+from selectorch.functional.distances import (
+    METRICS,
+    chunk_sq_norms,
+    pairwise_distance,
+    prepare_bank,
+)
+from selectorch.functional.knn_cpu import search_cpu as _search_cpu
+from selectorch.functional.topk import merge_topk
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "STATS",
+    "knn_score",
+    "knn_search",
+    "knn_statistic",
+    "merge_topk",
+    "row_sq_norms",
+]
 
 STATS = ("max", "mean", "median", "min")
 
@@ -20,10 +34,6 @@ DEFAULT_CHUNK_SIZE = 16384
 #: Banks with at least this many rows are searched by the blocked CPU path in eager mode
 #: (:func:`_search_cpu`); smaller ones, compiled code and other devices take :func:`_search`.
 CPU_BLOCKED_MIN_ROWS = 4096
-#: Values of one block of the blocked CPU path, ``rows x chunk`` (float32: 16 MiB, so a
-#: block stays in a server's L3 cache and below glibc's mmap threshold: a new block reuses the
-#: last one's pages instead of faulting in fresh ones).
-CPU_BLOCK_ELEMENTS = 1 << 22
 
 
 def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -32,33 +42,6 @@ def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
-
-
-def merge_topk(
-    best_d: torch.Tensor | None,
-    best_i: torch.Tensor | None,
-    d: torch.Tensor,
-    i: torch.Tensor,
-    k: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge one chunk's candidates into a running top-k (smallest distances first).
-
-    Args:
-        best_d: ``(B, k)`` running distances, or ``None`` before the first chunk.
-        best_i: ``(B, k)`` their indices, or ``None``.
-        d: ``(B, c)`` the chunk's candidate distances.
-        i: ``(B, c)`` their indices.
-        k: Number of neighbours kept.
-
-    Returns:
-        ``(distances, indices)``, both ``(B, min(k, ...))``.
-    """
-    if best_d is None or best_i is None:
-        return d, i
-    d = torch.cat([best_d, d], dim=1)
-    i = torch.cat([best_i, i], dim=1)
-    best_d, pos = d.topk(k, dim=1, largest=False)
-    return best_d, i.gather(1, pos)
 
 
 def knn_search(
@@ -126,9 +109,10 @@ def _use_cpu_blocked(
 
     Under ``torch.compile`` the plain loop is traced (one graph for every batch size). A bank
     row holding NaN or Inf would hide its group's other rows from the group minima of
-    :func:`_chunk_topk`, so such banks take the plain path (where those rows rank last). A
-    row that is not finite has a norm that is not finite (whatever the metric), so stored float
-    norms are checked instead of the whole bank when there are some.
+    :func:`~selectorch.functional.topk.chunk_topk`, so such banks take the plain path (where
+    those rows rank last). A row that is not finite has a norm that is not finite (whatever
+    the metric), so stored float norms are checked instead of the whole bank when there are
+    some.
     """
     if torch.compiler.is_compiling() or query.device.type != "cpu" or bank.device.type != "cpu":
         return False
@@ -168,7 +152,7 @@ def _search(
         part = bank[start:stop].to(dtype)
         if metric == "cosine" and not bank_normalized:
             part = prepare_bank(part, metric)
-        norms = _chunk_norms(part, bank_sq_norms, start, dtype) if squared else None
+        norms = chunk_sq_norms(part, bank_sq_norms, start, dtype) if squared else None
         d = pairwise_distance(
             query, part, metric, squared=squared, bank_sq_norms=norms, bank_normalized=True
         )
@@ -218,163 +202,6 @@ def row_sq_norms(
     for start in range(0, x.shape[0], rows):
         out[start : start + rows] = x[start : start + rows].to(dtype).pow(2).sum(dim=1)
     return out
-
-
-def _chunk_norms(
-    part: torch.Tensor, bank_sq_norms: torch.Tensor | None, start: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """``(c,)`` squared norms of a bank chunk in the search dtype.
-
-    Stored norms in half precision lose too much (or overflow): they are recomputed.
-    """
-    low = bank_sq_norms is None or bank_sq_norms.dtype in (torch.float16, torch.bfloat16)
-    if low:
-        return part.pow(2).sum(dim=1)
-    return bank_sq_norms[start : start + part.shape[0]].to(dtype)
-
-
-def _group_width(width: int, k: int) -> int:
-    """Columns per group for :func:`_chunk_topk`, or 0 where plain ``topk`` is as cheap.
-
-    A power of two near ``sqrt(width / k)`` balances the two selections (over ``width / g``
-    group minima, then over ``k * g`` candidates); at least ``4 * k`` groups are required.
-    """
-    g = 8
-    while g < 256 and 4 * g * g * k < width:  # stop near g = sqrt(width / k)
-        g *= 2
-    return g if width // g >= 4 * k else 0
-
-
-def _chunk_topk(
-    d: torch.Tensor, k: int, largest: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` smallest (or largest) values of each row of a block, read in two cheap passes.
-
-    The columns are cut into groups of ``g``; the ``k`` groups with the smallest minima hold
-    ``k`` smallest values of the row (a value outside them has ``k`` group minima at or below
-    it), so a ``topk`` over those ``k * g`` candidates is exact. Only the order among equal
-    values can differ from ``d.topk``. Columns past the last whole group are searched apart.
-
-    Args:
-        d: ``(B, c)`` finite values (or NaN rows, which stay NaN).
-        k: Number kept, ``1 <= k <= c``.
-        largest: Keep the largest values (group maxima) instead.
-
-    Returns:
-        ``(values, columns)``, both ``(B, k)``, values sorted increasing (decreasing if
-        ``largest``).
-    """
-    rows, width = d.shape
-    g = _group_width(width, k)
-    if not g:
-        return d.topk(k, dim=1, largest=largest)
-    whole = width - width % g
-    groups = d[:, :whole].view(rows, whole // g, g)
-    best = groups.amax(dim=2) if largest else groups.amin(dim=2)
-    # groups in column order, so the candidates keep the order of the row
-    chosen = best.topk(k, dim=1, largest=largest).indices.sort(dim=1).values
-    candidates = groups.gather(1, chosen.unsqueeze(2).expand(rows, k, g)).view(rows, k * g)
-    values, pos = candidates.topk(k, dim=1, largest=largest)
-    columns = chosen.gather(1, pos.div(g, rounding_mode="floor")) * g + pos.remainder(g)
-    if whole < width:
-        tail_d, tail_i = d[:, whole:].topk(min(k, width - whole), dim=1, largest=largest)
-        if largest:  # merge_topk keeps the smallest
-            values, columns = merge_topk(-values, columns, -tail_d, tail_i + whole, k)
-            return -values, columns
-        values, columns = merge_topk(values, columns, tail_d, tail_i + whole, k)
-    return values, columns
-
-
-@functools.cache
-def _onednn_linear() -> Callable[..., torch.Tensor] | None:
-    """oneDNN's float32 ``x @ w.T + b`` (``torch.ops.mkldnn._linear_pointwise``), if it works.
-
-    On the CPU, ``torch.mm`` calls MKL, whose float32 GEMM runs ~20-30% slower than oneDNN's on
-    AMD processors (measured on a 2-core AMD EPYC: ``benchmarks/RESULTS.md``). The op is
-    internal to torch (Inductor's CPU linear), so it is probed once on a tiny input and the
-    blocked search keeps ``torch.addmm`` wherever it is missing or fails.
-    """
-    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if op is None or not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        x, w, b = torch.ones(2, 3), torch.ones(4, 3), torch.full((4,), 0.5)
-        probe = op(x, w, b, "none", [], "")
-    except (RuntimeError, TypeError, NotImplementedError):
-        return None
-    if probe.shape != (2, 4) or not bool((probe == 3.5).all()):
-        return None
-    return op
-
-
-def _search_cpu(
-    query: torch.Tensor,
-    bank: torch.Tensor,
-    k: int,
-    metric: str,
-    bank_sq_norms: torch.Tensor | None,
-    chunk_size: int,
-    bank_normalized: bool,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager CPU search of a large finite bank; the same neighbours as :func:`_search`.
-
-    Per bank chunk and block of queries (at most :data:`CPU_BLOCK_ELEMENTS` values), one
-    product gives ``q.b - |b|^2 / 2`` (euclidean: ``|q - b|^2`` is ``|q|^2`` minus twice it)
-    or ``q.b`` (cosine), and :func:`_chunk_topk` keeps each row's ``k`` largest: no
-    elementwise passes, no full-row ``topk``. In float32 the product is oneDNN's
-    (:func:`_onednn_linear`), else ``addmm`` into one reused buffer. Euclidean distances of
-    the chosen rows are then recomputed directly, as in :func:`_search`; cosine distances are
-    ``1 + (-q.b)``, the same float as ``1 - q.b``.
-
-    Args and returns: as :func:`_search`, with ``query`` already in ``dtype``; ``query`` and
-    ``bank`` on the CPU, ``bank`` finite with at least ``k`` rows.
-    """
-    n_query, n_bank = query.shape[0], bank.shape[0]
-    squared = metric == "euclidean"
-    if not squared:
-        query = F.normalize(query, dim=1)
-    chunk = min(n_bank, max(k, chunk_size))
-    rows = max(1, min(n_query, CPU_BLOCK_ELEMENTS // chunk))
-    linear = _onednn_linear() if dtype == torch.float32 else None
-    buffer = torch.empty(0 if linear else rows * chunk, dtype=dtype)
-    best_d = torch.empty(n_query, k, dtype=dtype)
-    best_i = torch.empty(n_query, k, dtype=torch.int64)
-    for start in range(0, n_bank, chunk):
-        part = bank[start : start + chunk].to(dtype)
-        width = part.shape[0]
-        # -|b|^2 / 2 (exact halving): the product then ranks as the distance does
-        # (out of place: the norms may be a view of the caller's bank_sq_norms)
-        bias = _chunk_norms(part, bank_sq_norms, start, dtype).mul(-0.5) if squared else None
-        if not squared and not bank_normalized:
-            part = prepare_bank(part, metric)
-        for first in range(0, n_query, rows):
-            block = slice(first, first + rows)
-            q = query[block]
-            if linear is not None:
-                y = linear(q, part, bias, "none", [], "")
-            else:
-                y = buffer[: q.shape[0] * width].view(q.shape[0], width)
-                if bias is None:  # beta=0: the buffer is not read
-                    y.addmm_(q, part.T, beta=0.0)
-                else:
-                    torch.addmm(bias, q, part.T, out=y)
-            d, i = _chunk_topk(y, min(k, width), largest=True)
-            d = d.neg_()  # |b|^2 / 2 - q.b or -q.b: smaller is nearer
-            if start == 0:
-                best_d[block], best_i[block] = d, i
-            else:
-                best_d[block], best_i[block] = merge_topk(
-                    best_d[block], best_i[block], d, i + start, k
-                )
-    if not squared:
-        return best_d.add_(1.0), best_i
-    for first in range(0, n_query, rows):  # exact distances of the k chosen rows, re-sorted
-        block = slice(first, first + rows)
-        diff = query[block].unsqueeze(1) - bank[best_i[block]].to(dtype)
-        best_d[block], order = diff.pow(2).sum(dim=-1).sqrt().sort(dim=1)
-        best_i[block] = best_i[block].gather(1, order)
-    return best_d, best_i
 
 
 def knn_statistic(distances: torch.Tensor, stat: str = "max") -> torch.Tensor:

@@ -318,12 +318,19 @@ def _tensors_with_rows(named: Mapping[Any, Any]) -> bool:
 
 
 @torch.no_grad()
+def fits_nothing(score: Any) -> bool:
+    """Whether ``score.fit`` keeps nothing from its data (its class leaves ``_fit`` as is)."""
+    return type(score)._fit is Score._fit
+
+
 def collect(
     sel: Any, data: Any, y: torch.Tensor | None, batch_size: int, progress: bool, desc: str
 ) -> Collected:
     """Run the model over ``data``; stack the score inputs, labels and predictions.
 
     The features are new tensors, never the caller's: a score may overwrite them while fitting.
+    A ``requires_grad`` score (ODIN) that learns nothing at ``fit`` gets one plain pass there:
+    its fit only checks the inputs, so the gradient step and second pass would be wasted.
     """
     if is_recorded(data):  # a TensorDict from selectorch.record, or its cache directory
         return collect_recorded(sel, data, y, desc)
@@ -340,10 +347,11 @@ def collect(
     }
     num_classes = None
     batches = iter_batches(data, y, batch_size=batch_size)
+    run = sel._pass if desc == "fit" and fits_nothing(sel.score) else sel._run
     with eval_mode(sel.model):
         for batch in progress_bar(batches, desc=desc, total=total, enabled=progress):
             args, kwargs = to_device(batch.args, device), to_device(batch.kwargs, device)
-            output, feats = sel._run(args, kwargs)
+            output, feats = run(args, kwargs)
             kept["features"].add(feats)
             first = next(iter(feats.values())) if isinstance(feats, dict) else feats
             if batch.labels is not None:

@@ -251,3 +251,18 @@ def test_mnist_odin_equals_manual_and_separates_noise_from_digits():
         real = sel(digits[400:432]).score.mean()
         odd = sel(noise).score.mean()
     assert odd > real, (odd.item(), real.item())
+
+
+def test_fit_runs_one_plain_pass_and_calibrate_two():
+    net = small_cnn()
+    calls = []
+    net.register_forward_hook(lambda m, args, out: calls.append(args[0].requires_grad))
+    sel = st.SelectiveModel(net, ODINScore())
+    x = images(12, seed=11)
+    sel.fit(x, batch_size=4, progress=False)  # ODIN learns nothing: no gradient step
+    assert calls == [False, False, False]
+    calls.clear()
+    sel.calibrate(x, coverage=0.9, batch_size=4, progress=False)
+    assert len(calls) == 6 and calls.count(True) == 3  # each batch: gradient pass, then plain
+    expected = manual_odin(net, x, 1000.0, 0.0014, 1.0)
+    torch.testing.assert_close(sel.score.calibration_scores_.sort().values, expected.sort().values)

@@ -7,9 +7,9 @@ import torch
 
 import selectorch.functional.knn as knn_module
 import selectorch.functional.knn_cpu as knn_cpu
-from selectorch.functional.topk import chunk_topk
 from selectorch.functional.distances import prepare_bank
 from selectorch.functional.knn import row_sq_norms
+from selectorch.functional.topk import chunk_topk
 from selectorch.scores import KNNScore
 
 

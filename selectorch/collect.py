@@ -317,12 +317,12 @@ def _tensors_with_rows(named: Mapping[Any, Any]) -> bool:
     )
 
 
-@torch.no_grad()
 def fits_nothing(score: Any) -> bool:
     """Whether ``score.fit`` keeps nothing from its data (its class leaves ``_fit`` as is)."""
     return type(score)._fit is Score._fit
 
 
+@torch.no_grad()
 def collect(
     sel: Any, data: Any, y: torch.Tensor | None, batch_size: int, progress: bool, desc: str
 ) -> Collected:

@@ -400,3 +400,17 @@ def test_deup_in_a_selective_model_learns_the_models_own_loss():
     assert sel.score.is_fitted
     with pytest.raises(ValueError, match="needs labelled data"):
         st.SelectiveModel(model, DEUPScore(epochs=5), layer="avgpool").fit(x, progress=False)
+
+
+@pytest.mark.parametrize("make", [lambda: KNNScore(k=2), EnergyScore])
+def test_fit_and_calibrate_run_the_model_without_autograd(make):
+    """No graph is built over a whole fit or calibration (memory), for stateful and stateless."""
+    grad_modes = []
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    net.register_forward_hook(lambda m, a, out: grad_modes.append(torch.is_grad_enabled()))
+    layer = "1" if isinstance(make(), KNNScore) else None
+    sel = st.SelectiveModel(net, make(), layer=layer)
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
+    sel.fit(x, batch_size=16, progress=False)
+    sel.calibrate(x, coverage=0.9, batch_size=16, progress=False)
+    assert grad_modes == [False] * 6

@@ -78,8 +78,33 @@ def _floor_kernel(q_ptr, b_ptr, out_ptr, B, M, rows_per_split, n_splits, stride_
     tl.store(out_ptr + offs_q * n_splits + pid_s, best, mask=q_ok)
 
 
+@triton.jit
+def _floor_tma_kernel(q_desc, b_desc, out_ptr, B, M, rows_per_split, n_splits,
+                      D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """The floor with the tiles loaded through tensor descriptors (TMA), as the kernel does."""
+    pid_q = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    start = pid_s * rows_per_split
+    stop = tl.minimum(start + rows_per_split, M)
+    n_tiles = tl.cdiv(stop - start, BLOCK_N)
+    KD: tl.constexpr = D // BLOCK_D
+    acc = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
+    best = tl.full([BLOCK_Q], float("inf"), tl.float32)
+    for it in range(0, n_tiles * KD):
+        kd = it % KD
+        a = q_desc.load([pid_q * BLOCK_Q, kd * BLOCK_D])
+        b = b_desc.load([start + (it // KD) * BLOCK_N, kd * BLOCK_D])
+        acc = tl.dot(a, b.T, acc)
+        if kd == KD - 1:
+            best = tl.minimum(best, tl.min(acc, axis=1))
+            acc = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
+    tl.store(out_ptr + offs_q * n_splits + pid_s, best, mask=offs_q < B)
+
+
 def floor_run(query, bank, block_q=128, block_n=128, block_d=64, num_warps=8, num_stages=3,
-              splits_per_sm=2):
+              splits_per_sm=2, tma=False):
     from selectorch.search._triton_kernels import candidate_layout
 
     n_sm = torch.cuda.get_device_properties(bank.device).multi_processor_count
@@ -88,6 +113,16 @@ def floor_run(query, bank, block_q=128, block_n=128, block_d=64, num_warps=8, nu
     n_splits, rps = lay.n_splits, lay.rows_per_split
     out = torch.empty(query.shape[0], n_splits, device=bank.device)
     grid = (triton.cdiv(query.shape[0], block_q), n_splits)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        q_desc = TensorDescriptor(query, list(query.shape), list(query.stride()),
+                                  [block_q, block_d])
+        b_desc = TensorDescriptor(bank, list(bank.shape), list(bank.stride()), [block_n, block_d])
+        _floor_tma_kernel[grid](q_desc, b_desc, out, query.shape[0], bank.shape[0], rps,
+                                n_splits, D=bank.shape[1], BLOCK_Q=block_q, BLOCK_N=block_n,
+                                BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
+        return out
     _floor_kernel[grid](query, bank, out, query.shape[0], bank.shape[0], rps, n_splits,
                         query.stride(0), bank.stride(0), D=bank.shape[1], BLOCK_Q=block_q,
                         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
@@ -202,13 +237,24 @@ def header() -> str:
 
 SWEEP = [
     dict(),
-    dict(refine_step=24),
-    dict(refine_step=16),
-    dict(refine_step=24, sample_step=256),
+    dict(tma=False, epilogue=0, num_stages=3, refine_tma=False),  # the kernel of 2026-11-22
+    dict(tma=False),
+    dict(epilogue=0),
+    dict(num_stages=3),
+    dict(refine_tma=False, refine_stages=3),
+    dict(refine_stages=3),
+    dict(refine_step=48),
+    dict(sample_step=512),
     dict(rounds=3),
+    dict(chunk_tiles=4),
+    dict(),
 ]
 FLOOR_SWEEP = [
     dict(block_q=128, block_n=256, block_d=64, num_warps=8, num_stages=3, splits_per_sm=1),
+    dict(block_q=128, block_n=256, block_d=64, num_warps=8, num_stages=3, splits_per_sm=1,
+         tma=True),
+    dict(block_q=128, block_n=256, block_d=64, num_warps=8, num_stages=4, splits_per_sm=1,
+         tma=True),
 ]
 
 
@@ -227,7 +273,8 @@ def parts(query, bank, norms, k) -> None:
         return ops.knn_candidates(q, bank, norms, tau, -2.0, True, n_sel, cfg["block_q"],
                                   cfg["block_n"], cfg["block_d"], cfg["num_warps"],
                                   cfg["num_stages"], cfg["splits_per_sm"], "tf32",
-                                  cfg["chunk_tiles"], cfg["rounds"], cfg["maxnreg"], 0)
+                                  cfg["chunk_tiles"], cfg["rounds"], cfg["maxnreg"], 0,
+                                  cfg["tma"], cfg["epilogue"])
 
     t_kernel = bench(kernel)
     values, cand = kernel()

@@ -109,6 +109,13 @@ def test_bf16_query_and_bank_return_bf16_distances():
          chunk_tiles=1, rounds=0),
     dict(block_q=128, block_n=128, block_d=64, num_warps=8, num_stages=3, splits_per_sm=0,
          chunk_tiles=2, rounds=3, maxnreg=128),
+    # tiles loaded by pointers (no tensor descriptors) and the first epilogue
+    dict(block_q=64, block_n=64, block_d=32, num_warps=4, num_stages=3, splits_per_sm=0,
+         tma=False, epilogue=0),
+    dict(block_q=128, block_n=256, block_d=64, num_warps=8, num_stages=4, splits_per_sm=0,
+         chunk_tiles=1, rounds=1),
+    dict(block_q=128, block_n=256, block_d=64, num_warps=8, num_stages=4, splits_per_sm=0,
+         chunk_tiles=2, rounds=2, epilogue=1),
 ])
 def test_compaction_of_long_splits_keeps_the_exact_neighbours(config):
     # splits_per_sm=0 means a single split per query tile and sample=False starts from no
@@ -180,10 +187,28 @@ def test_precomputed_norms_give_the_same_result():
 
 
 @gpu
-def test_selection_kernels_equal_topk():
+def test_bank_not_aligned_for_tensor_descriptors_gives_the_same_neighbours():
+    # a bank view 4 bytes past a 16-byte boundary cannot back a tensor descriptor: the kernel
+    # then loads its tiles through pointers, with the same result
+    query, bank = make(200, 20_000, 64, seed=13)
+    storage = torch.empty(bank.numel() + 1, device="cuda")
+    shifted = storage[1:].view_as(bank)
+    shifted.copy_(bank)
+    assert shifted.data_ptr() % 16 != 0
+    d, i = fused_knn_search(query, shifted, 20)
+    d_ref, i_ref = fused_knn_search(query, bank, 20)
+    assert torch.equal(i, i_ref)
+    torch.testing.assert_close(d, d_ref)
+
+
+@gpu
+@pytest.mark.parametrize("resident_max", [0, 16384])
+def test_selection_kernels_equal_topk(monkeypatch, resident_max):
+    # resident_max 0: every row is read in chunks at each step; else rows stay in registers
     from selectorch.search.triton_knn import _kernels
 
     ops = _kernels()
+    monkeypatch.setattr(ops, "SELECT_RESIDENT_MAX", resident_max)
     g = torch.Generator(device="cuda").manual_seed(0)
     values = torch.randn(300, 5000, device="cuda", generator=g)
     values[:, ::3] = float("inf")

@@ -9,11 +9,13 @@ contiguous slice) of the bank. It streams the split in tiles of ``BLOCK_N`` rows
 accumulation) and appends every score below the row's threshold ``tau`` to that row's buffer
 in global memory. ``tau`` starts at an upper bound on the ``K``-th smallest score from a bank
 sample (or ``+inf``), so few scores pass. The loop over ``T`` tiles x ``D`` is one flat,
-software-pipelined loop: the next tile's loads are in flight while a tile's epilogue runs. The
-epilogue stays in the accumulator's layout: it takes a row's smallest passing score and its
-column with two in-warp reductions, stores it at the row's fill (kept in registers; no atomics,
-no shared-memory round trip of the tile) and masks it out, ``E`` times, plus more rounds only
-in the rare tile where some row has more than ``E`` candidates. Between chunks of ``T`` tiles,
+software-pipelined loop: the next tile's loads are in flight while a tile's epilogue runs. With
+``TMA`` the tiles are loaded through tensor descriptors (the copy engine, no address registers;
+pointer loads otherwise). The epilogue stays in the accumulator's layout: it takes a row's
+smallest passing score and its column (one argmin reduction with ``EPI = 1``, two in-warp
+reductions with ``EPI = 0``), stores it at the row's fill (kept in registers; no atomics, no
+shared-memory round trip of the tile) and masks it out, ``E`` times, plus more rounds only in
+the rare tile where some row has more than ``E`` candidates. Between chunks of ``T`` tiles,
 outside the pipelined loop, a row whose buffer could overflow in the next chunk is *compacted*:
 the program finds its ``K``-th smallest buffered score (a 32-step bitwise search on the
 order-preserving integer key of the floats), keeps exactly the ``K`` smallest and lowers
@@ -28,7 +30,8 @@ Kernel 2, ``knn_gather_distances``: exact fp32 distances of the chosen neighbour
 from the stored rows (``sqrt(sum((q - b)^2))``, or ``1 - q.b`` for cosine).
 
 Kernel 3, ``knn_select`` / ``knn_threshold``: per row of a small ``(B, N)`` score matrix, the
-``K``-th smallest score by a bitwise search on the integer keys (no sort): either the indices
+``K``-th smallest score by a bitwise search on the integer keys (no sort; rows of up to
+:data:`SELECT_RESIDENT_MAX` scores stay in registers for all 32 steps): either the indices
 of the ``K`` smallest (the merge of the splits, instead of ``topk`` and ``gather``) or a
 threshold bound from a bank sample's scores (instead of ``topk``, ``amax`` and the margin's
 element-wise ops).
@@ -42,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 _SIGN = tl.constexpr(-2147483648)  # 0x80000000 as a signed 32-bit integer
 
@@ -127,7 +131,8 @@ def _compact(val_ptr, idx_ptr, slot0, count, tau, K: tl.constexpr, CH: tl.conste
 
 @triton.jit
 def _append_tile(acc, n0, stop, offs_t, bias_ptr, stride_bias, scale, val_ptr, idx_ptr, slot0,
-                 count, tau, E: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+                 count, tau, E: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 EPI: tl.constexpr):
     """Append the tile's scores below each row's threshold to the row's buffer.
 
     Works in the tensor-core accumulator's layout, one candidate per row at a time: a row
@@ -145,6 +150,25 @@ def _append_tile(acc, n0, stop, offs_t, bias_ptr, stride_bias, scale, val_ptr, i
     s = bias[None, :] + scale * acc
     # scores at or above the threshold (and NaN, and +inf past the end) become +inf: no candidate
     s = tl.where(s < tau[:, None], s, float("inf"))
+    if EPI == 1:
+        # the row minimum and its (first) column in one reduction; a row with a finite minimum
+        # has a candidate left; more rounds while any row has one (a CTA-wide check per round)
+        m, j = tl.min(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        for _ in tl.static_range(E):
+            has = m < float("inf")
+            tl.store(val_ptr + slot0 + count, m, mask=has)
+            tl.store(idx_ptr + slot0 + count, n0 + j, mask=has)
+            count += has.to(tl.int32)
+            s = tl.where(offs_t[None, :] == j[:, None], float("inf"), s)
+            m, j = tl.min(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        while tl.min(m, axis=0) < float("inf"):  # rare: a row with more than E candidates
+            has = m < float("inf")
+            tl.store(val_ptr + slot0 + count, m, mask=has)
+            tl.store(idx_ptr + slot0 + count, n0 + j, mask=has)
+            count += has.to(tl.int32)
+            s = tl.where(offs_t[None, :] == j[:, None], float("inf"), s)
+            m, j = tl.min(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        return count
     n_new = tl.sum((s < float("inf")).to(tl.int32), axis=1)
     for e in tl.static_range(E):
         m = tl.min(s, axis=1)
@@ -172,6 +196,7 @@ def _knn_candidates_kernel(
     D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, C: tl.constexpr, CH: tl.constexpr,
     T: tl.constexpr, E: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    TMA: tl.constexpr, EPI: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -200,13 +225,20 @@ def _knn_candidates_kernel(
         for it in range(0, tl.minimum(T, n_tiles - c0) * KD):
             kd = it % KD
             n0 = start + (c0 + it // KD) * BLOCK_N
-            a = tl.load(q_ptr + (q_off + kd * BLOCK_D), mask=q_ok[:, None], other=0.0)
-            b = tl.load(b_ptr + n0.to(tl.int64) * stride_b + (b_off + kd * BLOCK_D),
-                        mask=(n0 + offs_t < stop)[:, None], other=0.0)
+            if TMA:
+                # tensor descriptors: rows past B or M read as zeros, rows of the next split
+                # are masked by the epilogue
+                a = q_ptr.load([pid_q * BLOCK_Q, kd * BLOCK_D])
+                b = b_ptr.load([n0, kd * BLOCK_D])
+            else:
+                a = tl.load(q_ptr + (q_off + kd * BLOCK_D), mask=q_ok[:, None], other=0.0)
+                b = tl.load(b_ptr + n0.to(tl.int64) * stride_b + (b_off + kd * BLOCK_D),
+                            mask=(n0 + offs_t < stop)[:, None], other=0.0)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
             if kd == KD - 1:
                 count = _append_tile(acc, n0, stop, offs_t, bias_ptr, stride_bias, scale, buf_val,
-                                     buf_idx, slot0, count, tau, E, HAS_BIAS, BLOCK_N)
+                                     buf_idx, slot0, count, tau, E, HAS_BIAS, BLOCK_N,
+                                     EPI)
                 acc = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
     if tl.max(count, axis=0) > K:
         count, tau = _compact(buf_val, buf_idx, slot0, count, tau, K, CH, BLOCK_Q)
@@ -271,6 +303,7 @@ def _select_kernel(
     K: tl.constexpr, R: tl.constexpr, CH: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_BMAX: tl.constexpr, HAS_PREV: tl.constexpr, SELECT: tl.constexpr,
+    RESIDENT: tl.constexpr,
 ):
     """The ``K`` smallest of each row of ``(B, N)`` scores, without sorting.
 
@@ -285,46 +318,70 @@ def _select_kernel(
     rows = tl.program_id(0) * R + tl.arange(0, R)
     r_ok = rows < B
     row_off = rows.to(tl.int64) * stride_v
-    # t = the K-th smallest key: the largest t with #(key < t) < K, from the top bit down
-    t = tl.zeros([R], dtype=tl.uint32)
-    bit = tl.full([R], _SIGN, dtype=tl.int32).to(tl.uint32, bitcast=True)
-    for _ in range(32):
-        trial = t | bit
-        below = tl.zeros([R], dtype=tl.int32)
-        for c0 in range(0, N, CH):
-            cols = c0 + tl.arange(0, CH)
-            ok = r_ok[:, None] & (cols < N)[None, :]
-            v = _row_scores(val_ptr, bias_ptr, row_off, cols, ok, N, stride_c, stride_bias,
-                            scale, AFFINE, HAS_BIAS)
-            below += tl.sum(((_ordered_key(v) < trial[:, None]) & ok).to(tl.int32), axis=1)
-        t = tl.where(below < K, trial, t)
-        bit = bit >> 1
-    if SELECT:
-        n_less = tl.zeros([R], dtype=tl.int32)
-        for c0 in range(0, N, CH):
-            cols = c0 + tl.arange(0, CH)
-            ok = r_ok[:, None] & (cols < N)[None, :]
-            v = _row_scores(val_ptr, bias_ptr, row_off, cols, ok, N, stride_c, stride_bias,
-                            scale, AFFINE, HAS_BIAS)
-            n_less += tl.sum(((_ordered_key(v) < t[:, None]) & ok).to(tl.int32), axis=1)
-        n_kept = tl.zeros([R], dtype=tl.int32)
-        ties = tl.zeros([R], dtype=tl.int32)
-        for c0 in range(0, N, CH):
-            cols = c0 + tl.arange(0, CH)
-            ok = r_ok[:, None] & (cols < N)[None, :]
-            v = _row_scores(val_ptr, bias_ptr, row_off, cols, ok, N, stride_c, stride_bias,
-                            scale, AFFINE, HAS_BIAS)
-            key = _ordered_key(v)
+    if RESIDENT:
+        # the whole row stays in registers (N <= CH): loaded once, then the 32 steps of the
+        # search and the selection count over registers, with no reloads
+        cols = tl.arange(0, CH)
+        ok = r_ok[:, None] & (cols < N)[None, :]
+        key = _ordered_key(_row_scores(val_ptr, bias_ptr, row_off, cols, ok, N, stride_c,
+                                       stride_bias, scale, AFFINE, HAS_BIAS))
+        t = tl.zeros([R], dtype=tl.uint32)
+        bit = tl.full([R], _SIGN, dtype=tl.int32).to(tl.uint32, bitcast=True)
+        for _ in range(32):
+            trial = t | bit
+            below = tl.sum(((key < trial[:, None]) & ok).to(tl.int32), axis=1)
+            t = tl.where(below < K, trial, t)
+            bit = bit >> 1
+        if SELECT:
+            n_less = tl.sum(((key < t[:, None]) & ok).to(tl.int32), axis=1)
             eq = (key == t[:, None]) & ok
-            eq_rank = ties[:, None] + tl.cumsum(eq.to(tl.int32), axis=1)  # 1-based among ties
+            eq_rank = tl.cumsum(eq.to(tl.int32), axis=1)  # 1-based among ties
             keep = ((key < t[:, None]) & ok) | (eq & (eq_rank <= (K - n_less)[:, None]))
-            pos = n_kept[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
+            pos = tl.cumsum(keep.to(tl.int32), axis=1) - 1
             i = tl.load(idx_ptr + row_off[:, None] + cols[None, :] * stride_c, mask=keep,
                         other=0)
             tl.store(sel_ptr + rows.to(tl.int64)[:, None] * K + pos, i, mask=keep)
-            n_kept += tl.sum(keep.to(tl.int32), axis=1)
-            ties += tl.sum(eq.to(tl.int32), axis=1)
     else:
+        # t = the K-th smallest key: the largest t with #(key < t) < K, from the top bit down
+        t = tl.zeros([R], dtype=tl.uint32)
+        bit = tl.full([R], _SIGN, dtype=tl.int32).to(tl.uint32, bitcast=True)
+        for _ in range(32):
+            trial = t | bit
+            below = tl.zeros([R], dtype=tl.int32)
+            for c0 in range(0, N, CH):
+                cols = c0 + tl.arange(0, CH)
+                ok = r_ok[:, None] & (cols < N)[None, :]
+                v = _row_scores(val_ptr, bias_ptr, row_off, cols, ok, N, stride_c, stride_bias,
+                                scale, AFFINE, HAS_BIAS)
+                below += tl.sum(((_ordered_key(v) < trial[:, None]) & ok).to(tl.int32), axis=1)
+            t = tl.where(below < K, trial, t)
+            bit = bit >> 1
+        if SELECT:
+            n_less = tl.zeros([R], dtype=tl.int32)
+            for c0 in range(0, N, CH):
+                cols = c0 + tl.arange(0, CH)
+                ok = r_ok[:, None] & (cols < N)[None, :]
+                v = _row_scores(val_ptr, bias_ptr, row_off, cols, ok, N, stride_c, stride_bias,
+                                scale, AFFINE, HAS_BIAS)
+                n_less += tl.sum(((_ordered_key(v) < t[:, None]) & ok).to(tl.int32), axis=1)
+            n_kept = tl.zeros([R], dtype=tl.int32)
+            ties = tl.zeros([R], dtype=tl.int32)
+            for c0 in range(0, N, CH):
+                cols = c0 + tl.arange(0, CH)
+                ok = r_ok[:, None] & (cols < N)[None, :]
+                v = _row_scores(val_ptr, bias_ptr, row_off, cols, ok, N, stride_c, stride_bias,
+                                scale, AFFINE, HAS_BIAS)
+                key = _ordered_key(v)
+                eq = (key == t[:, None]) & ok
+                eq_rank = ties[:, None] + tl.cumsum(eq.to(tl.int32), axis=1)  # 1-based among ties
+                keep = ((key < t[:, None]) & ok) | (eq & (eq_rank <= (K - n_less)[:, None]))
+                pos = n_kept[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
+                i = tl.load(idx_ptr + row_off[:, None] + cols[None, :] * stride_c, mask=keep,
+                            other=0)
+                tl.store(sel_ptr + rows.to(tl.int64)[:, None] * K + pos, i, mask=keep)
+                n_kept += tl.sum(keep.to(tl.int32), axis=1)
+                ties += tl.sum(eq.to(tl.int32), axis=1)
+    if not SELECT:
         sq = tl.zeros([R], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -389,6 +446,10 @@ def wave_sample_step(n_query: int, n_bank: int, step: int, block_q: int, block_n
     return max(1, triton.cdiv(n_bank, tiles * block_n))
 
 
+#: Longest rows that the selection kernel holds in registers (one load, then 32 steps over
+#: registers, instead of reloading the row from L1/L2 at each step).
+SELECT_RESIDENT_MAX = 16384
+
 _LAUNCHERS: dict[tuple[int, int, int], Any] = {}
 
 
@@ -430,6 +491,13 @@ def _candidates_shape(query: torch.Tensor, bank: torch.Tensor, keep: int, block_
     return lay, (query.shape[0], lay.n_splits * lay.out_slots), step
 
 
+def _tma_ready(x: torch.Tensor) -> bool:
+    """Whether a 2-D tensor can back a tensor descriptor (16-byte aligned base and rows)."""
+    item = x.element_size()
+    return (x.stride(1) == 1 and x.data_ptr() % 16 == 0 and (x.stride(0) * item) % 16 == 0
+            and x.shape[0] < 2**31)
+
+
 # A plain custom op (opaque to inductor, one graph with dynamo): inductor re-emits the
 # launches of a triton_op and would drop the register cap, so this op launches the kernel itself
 @torch.library.custom_op("selectorch::knn_candidates", mutates_args=())
@@ -452,13 +520,17 @@ def knn_candidates(
     rounds: int,
     maxnreg: int,
     sample_step: int,
+    tma: bool,
+    epilogue: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-split top-``keep`` candidates of every query; see the module docstring.
 
     ``query`` ``(B, D)``, ``bank`` ``(M, D)``, ``bias`` ``(M,)`` (any stride; unused unless
     ``has_bias``), ``tau`` ``(B,)`` fp32. With ``sample_step > 0`` only a strided sample of
     the bank is searched, about every ``sample_step``-th row (see :func:`wave_sample_step`),
-    and the indices are the sample's rows.
+    and the indices are the sample's rows. ``tma`` loads the tiles through tensor descriptors
+    where both tensors allow it (16-byte aligned base and rows; else pointer loads), and
+    ``epilogue`` picks the append code (1: argmin reductions, 0: minimum then column).
 
     Returns ``(values, indices)`` of shape ``(B, n_splits * out_slots)`` (fp32, int32): the
     scores ``bias + scale * q.b`` of each split's best candidates, ``+inf`` (index 0) in unused
@@ -478,14 +550,21 @@ def knn_candidates(
     values = torch.empty(shape, dtype=torch.float32, device=dev)
     indices = torch.empty(shape, dtype=torch.int32, device=dev)
     grid = (triton.cdiv(n_query, block_q), lay.n_splits)
+    q_in: Any = query
+    b_in: Any = bank
+    use_tma = tma and _tma_ready(query) and _tma_ready(bank)
+    if use_tma:
+        q_in = TensorDescriptor(query, list(query.shape), list(query.stride()),
+                                [block_q, block_d])
+        b_in = TensorDescriptor(bank, list(bank.shape), list(bank.stride()), [block_n, block_d])
     with torch.cuda.device(dev):
         _launcher(num_warps, num_stages, maxnreg)[grid](
-            query, bank, bias, tau, scratch_val, scratch_idx, values, indices,
+            q_in, b_in, bias, tau, scratch_val, scratch_idx, values, indices,
             n_query, bank.shape[0], lay.rows_per_split, lay.n_splits, query.stride(0),
             bank.stride(0), bias.stride(0) if has_bias else 1, scale, D=dim, K=keep,
             KP=lay.out_slots, C=lay.capacity, CH=32,
             T=chunk_tiles, E=rounds, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
-            HAS_BIAS=has_bias, PRECISION=precision,
+            HAS_BIAS=has_bias, PRECISION=precision, TMA=use_tma, EPI=epilogue,
         )
     return values, indices
 
@@ -493,7 +572,7 @@ def knn_candidates(
 @knn_candidates.register_fake
 def _knn_candidates_fake(query, bank, bias, tau, scale, has_bias, keep, block_q, block_n,
                          block_d, num_warps, num_stages, splits_per_sm, precision, chunk_tiles,
-                         rounds, maxnreg, sample_step):
+                         rounds, maxnreg, sample_step, tma, epilogue):
     """Shapes and dtypes of :func:`knn_candidates`' outputs, for tracing."""
     _, shape, _ = _candidates_shape(query, bank, keep, block_q, block_n, chunk_tiles,
                                     splits_per_sm, sample_step)
@@ -526,14 +605,20 @@ def _select_launch(values: torch.Tensor, indices: torch.Tensor, bias: torch.Tens
                    select: bool) -> None:
     n_query, n_cols = values.shape
     dim = 16 if select else query.shape[1]  # the query is read only for the bound
-    chunk = min(2048, triton.next_power_of_2(n_cols))
+    resident = n_cols <= SELECT_RESIDENT_MAX
+    chunk = triton.next_power_of_2(n_cols)
+    if not resident:
+        chunk = min(2048, chunk)
+    # about 32 scores a thread when the row stays in registers
+    warps = min(16, max(4, chunk // 1024)) if resident else 4
     wrap_triton(_select_kernel)[(n_query,)](
         values, indices, bias, query, bias_max, prev, tau, sel,
         n_query, n_cols, values.stride(0), values.stride(1), bias.stride(0) if has_bias else 1,
         query.stride(0),
         scale, margin_scale, K=keep, R=1, CH=chunk, D=dim,
         BLOCK_D=min(512, triton.next_power_of_2(dim)), AFFINE=affine, HAS_BIAS=has_bias,
-        HAS_BMAX=has_bmax, HAS_PREV=has_prev, SELECT=select, num_warps=4,
+        HAS_BMAX=has_bmax, HAS_PREV=has_prev, SELECT=select, RESIDENT=resident,
+        num_warps=warps,
     )
 
 

@@ -110,14 +110,12 @@ def _default_config(n_query: int, dim: int, dtype: torch.dtype) -> dict[str, Any
                                maxnreg=0, sample=True, sample_step=128, refine_step=0,
                                refine_splits_per_sm=1, refine_stages=0, refine_tma=True, tma=True,
                                epilogue=1)
-    # small query tiles keep pointer loads: with descriptors one query took 1.30 ms instead of
-    # 0.75 ms against 50,000 x 512 (direct calls; the dispatch sends these to torch anyway)
     if n_query <= 16:
-        return dict(cfg, block_q=16, block_n=128, num_warps=4, num_stages=4, tma=False)
+        return dict(cfg, block_q=16, block_n=128, num_warps=4, num_stages=4)
     if n_query <= 32:
-        return dict(cfg, block_q=32, block_n=128, num_warps=4, num_stages=4, tma=False)
+        return dict(cfg, block_q=32, block_n=128, num_warps=4, num_stages=4)
     if n_query <= 64:
-        return dict(cfg, block_q=64, block_n=128, num_warps=4, num_stages=4, tma=False)
+        return dict(cfg, block_q=64, block_n=128, num_warps=4, num_stages=4)
     cfg.update(block_q=128, block_n=128, num_warps=8, num_stages=3, sample_step=1024,
                refine_step=32)
     if dtype != torch.float32:

@@ -1,4 +1,4 @@
-"""A certified bfloat16 pre-selection for the eager CPU kNN search: twice the speed, exact results.
+"""A certified bfloat16 pre-selection for the eager CPU kNN search: a faster product, exact results.
 
 On CPUs that multiply bfloat16 natively (AVX512-BF16, AMX), oneDNN's bfloat16 product runs
 about twice as fast as its float32 one (``benchmarks/RESULTS.md``). Its rounding is bounded for
@@ -15,8 +15,9 @@ computed value ``y~`` (exact products of bfloat16 values summed in float32 with 
 bias, then rounded to bfloat16) differs from ``y`` by at most::
 
     e(y~) = |q~| |r_b| + |r_q| |b~| + |r_q| |r_b|     input rounding (Cauchy-Schwarz)
-          + g (|q~| |b~| + |c|) + t                    float32 sums: g = (D + 2) 2^-24 / (1 - ...),
-                                                       t for the denormals flushed to zero
+          + g (|q~| |b~| + 2 |c|) + t                  float32 sums and the float32 bias:
+                                                       g = (D + 2) 2^-24 / (1 - ...), t for the
+                                                       denormals flushed to zero
           + u |y~|                                     output rounding, u = 2^-7
 
 with the norms of a bank chunk replaced by their maxima over the chunk (``u = 2^-7`` is twice
@@ -25,8 +26,12 @@ relative ``2^-10`` for the rounding of its own terms). Per query, the search kee
 ``keep`` rows with the largest upper bounds ``y~ + e(y~)`` and the largest upper bound ``U`` of
 every row it let go. ``T``, the ``k``-th largest lower bound ``y~ - e(y~)`` of the kept rows,
 is at most the true ``k``-th largest ``y`` (those are ``k`` distinct rows), so a row whose
-upper bound is below ``T`` cannot be among the ``k`` nearest. When ``U < T`` every such row was
-let go or is marked, and the kept rows with an upper bound at least ``T`` hold the exact answer.
+upper bound is below ``T`` cannot be among the ``k`` nearest. When ``U < T``, every row left out
+is such a row, and the kept rows whose upper bound is at least ``T`` hold the exact answer.
+
+Euclidean searches of a bank far from the origin first subtract a common vector from queries and
+bank (distances do not change; the bound, which grows with the norms, tightens); the float32
+rounding of that shift adds ``2^-22 (|q~| + |r_q| + |b~| + |r_b|)^2`` to the bound.
 """
 
 from __future__ import annotations

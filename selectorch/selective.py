@@ -439,6 +439,9 @@ class SelectiveModel(nn.Module):
           (predicted class != label) is at most ``r`` with probability ``1 - d``; needs labels.
           Nothing is kept if no threshold can be certified.
 
+        A score that calibrates on true labels (``score.calibrates_on_labels``: DkNN) gets the
+        labels of ``data`` when it has some, for any target.
+
         See :meth:`selectorch.scores.Score.calibrate` and :meth:`calibration_report`. Under
         ``torch.distributed`` every rank's calibration rows are gathered as in :meth:`fit`, so
         every rank sets the same threshold.
@@ -485,9 +488,14 @@ class SelectiveModel(nn.Module):
                 "A `risk` target needs labels in the calibration data ((x, y) batches, a 'label' "
                 "key, or `y` with a tensor) to know which kept predictions are wrong."
             )
+        # DkNN measures the held-out nonconformity for the true labels, where there are some
+        true = {}
+        if self.score.calibrates_on_labels and run.labels is not None and run.labels.ndim == 1:
+            true = {"y": run.labels}
         with replicated_inputs():  # the gathered rows are the same on every rank
             self.score.calibrate(
                 run.features,
+                **true,
                 coverage=coverage,
                 risk=risk,
                 delta=delta,

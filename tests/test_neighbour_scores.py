@@ -446,3 +446,30 @@ def test_mnist_selective_model_with_trust_passes_the_models_prediction(mnist):
     expected = sel.score.score_with_preds(held["classifier.1"][:100], preds)
     torch.testing.assert_close(out.score, expected)
     assert 0.8 <= out.selected.float().mean().item() <= 0.98
+
+
+def test_selective_model_calibrates_dknn_on_the_true_labels(mnist):
+    net, images, labels = mnist["net"], mnist["images"], mnist["labels"]
+    g = torch.Generator().manual_seed(5)
+    cal_x = images[1000:1300] + torch.randn(300, 1, 28, 28, generator=g)  # some errors
+    cal_y = labels[1000:1300]
+    sel = st.SelectiveModel(net, DkNNScore(), layer=LAYERS)
+    sel.fit(images[:1000], labels[:1000], progress=False)
+    sel.calibrate(cal_x, cal_y, coverage=0.9, progress=False)
+    with st.Recorder(net, LAYERS) as rec, torch.no_grad():
+        logits, feats = rec(cal_x)
+    cal = {**feats, "logits": logits}
+    alone = DkNNScore().fit(mnist["fit"], mnist["y"]).calibrate(cal, y=cal_y, coverage=0.9)
+    torch.testing.assert_close(
+        sel.score.calibration_scores_.sort().values, alone.calibration_scores_.sort().values
+    )
+    assert sel.score.get_threshold() == alone.get_threshold()
+    wrong = logits.argmax(dim=1) != cal_y
+    assert wrong.sum() > 10
+    # without labels the held-out rows are scored for the model's prediction: another threshold
+    sel.calibrate(cal_x, coverage=0.9, progress=False)
+    torch.testing.assert_close(
+        sel.score.calibration_scores_.sort().values, alone(cal).sort().values
+    )
+    assert not torch.equal(alone(cal).sort().values, alone.calibration_scores_.sort().values)
+    assert DkNNScore.calibrates_on_labels and not TrustScore.calibrates_on_labels

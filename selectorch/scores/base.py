@@ -93,6 +93,9 @@ class Score(ThresholdMixin, nn.Module, ABC):
     passes: ClassVar[int] = 1
     #: Whether a SelectiveModel with this score compiles with ``fullgraph=True``.
     compile_clean: ClassVar[bool] = True
+    #: Whether ``calibrate`` takes the held-out rows' true labels as ``y`` (DkNN's conformal
+    #: calibration); a SelectiveModel then passes the labels of its calibration data.
+    calibrates_on_labels: ClassVar[bool] = False
     #: Preferred pooling of the hooked layers (a name of ``selectorch.recorder.pooling.POOLS``
     #: or a picklable callable ``(B, ...) -> (B, D)``); ``None``: the SelectiveModel's ``pool``.
     pool: Any = None

@@ -59,6 +59,7 @@ class DkNNScore(LayerScore):
     requires_grad: ClassVar[bool] = False
     passes: ClassVar[int] = 1
     compile_clean: ClassVar[bool] = True
+    calibrates_on_labels: ClassVar[bool] = True
 
     bank_: torch.Tensor
     mean_: torch.Tensor

@@ -232,3 +232,105 @@ def test_knn_score_of_a_large_batch_takes_the_bf16_path(monkeypatch):
     monkeypatch.setattr(knn_cpu, "BF16_MIN_QUERIES", 1 << 30)
     assert torch.equal(fast, score.score(query))
     assert len(calls) == 1
+
+
+# -- the bound's corners (found in review): each test fails if one term or step is dropped ------
+
+
+def bf16_search(query, bank, k, chunk, metric="euclidean", norms=None):
+    return knn_bf16.certified_bf16_search(
+        query,
+        bank,
+        k,
+        metric,
+        norms,
+        min(bank.shape[0], max(k, chunk)),
+        64,
+        False,
+        knn_cpu.bf16_linear(),
+    )
+
+
+@needs_bf16
+@pytest.mark.parametrize(("k", "chunk"), [(1, 8), (5, 10), (3, 7), (5, 100), (1, 16384)])
+def test_a_crowd_float32_resolves_and_bfloat16_cannot_is_never_decided_wrongly(k, chunk):
+    """600 rows 3e-2 apart around one point: float32 ranks them, bfloat16 cannot; chunks
+    narrower than keep + 1 exercise the rows let go at the merge alone."""
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(4100, 32, generator=g)
+    bank[:600] = bank[0] + 3e-2 * torch.randn(600, 32, generator=g)
+    query = bank[0] + 1e-2 * torch.randn(64, 32, generator=g)
+    _, i, decided = bf16_search(query, bank, k, chunk)
+    ref = knn_cpu._search_float(query, bank, k, "euclidean", None, chunk, False, torch.float32)
+    assert torch.equal(i[decided], ref[1][decided])
+
+
+@needs_bf16
+def test_rounding_norms_of_tiny_rows_do_not_underflow():
+    """|b - b~| of rows near 1e-21 squares below float32's range: the bound must keep it."""
+    d, s = 64, 2.0**-70
+    half = d // 2
+    near = torch.cat([torch.full((half,), s * (1 + 0.49 * 2**-7)), torch.full((half,), -s)])
+    other = torch.cat([torch.full((half,), s), torch.full((half,), -s)])
+    fillers = other.repeat(14, 1)
+    other[:8] = s * (1 + 2**-7)  # bfloat16-exact, truly farther than `near`, above it in bf16
+    far = 10 * torch.randn(4096, d, generator=torch.Generator().manual_seed(0))
+    far -= far.mean(dim=1, keepdim=True)  # q.b = 0 for the query of ones: every row is far
+    bank = torch.cat([near[None], other[None], fillers, far])
+    assert knn_bf16._shift(bank) is None
+    _, err = knn_bf16._rounding_norms(near[None], near[None].bfloat16())
+    assert err.item() > 0
+    _, i, decided = bf16_search(torch.ones(4, d), bank, 1, 16)
+    assert (i[decided] == 0).all()
+
+
+@needs_bf16
+def test_the_bias_is_added_in_float32():
+    op = knn_cpu.bf16_linear()
+    for dim, rows, width in [(3, 1, 4), (100, 64, 300), (2048, 512, 2048)]:
+        q = torch.zeros(rows, dim, dtype=torch.bfloat16)
+        q[:, -1] = 1
+        b = torch.zeros(width, dim, dtype=torch.bfloat16)
+        b[:, -1] = -1
+        y = op(q, b, torch.full((width,), 1 + 2**-12), "none", [], "")
+        assert (y.float() == 2**-12).all()  # a bfloat16 bias would give 0
+
+
+@needs_bf16
+@pytest.mark.parametrize("dim", [64, 1000, 4000])
+def test_product_error_covers_float32_sums_of_exact_inputs(dim):
+    """bfloat16-exact operands and cancelling products: only the float32 sums err."""
+    g = torch.Generator().manual_seed(dim)
+    scale = 2.0 ** torch.randint(-4, 8, (300, dim // 2), generator=g)
+    x = (torch.randn(300, dim // 2, generator=g) * scale).bfloat16().float()
+    bank = torch.cat([x, -x.roll(1, dims=1)], dim=1)
+    query = torch.ones(40, dim)
+    q16, b16 = query.bfloat16(), bank.bfloat16()
+    got = knn_cpu.bf16_linear()(q16, b16, None, "none", [], "").double()
+    exact = query.double() @ bank.double().T
+    assert (got != exact).any(), "no rounding to cover"
+    q_norm, q_err = knn_bf16._rounding_norms(query, q16)
+    b_norm, b_err = (v.max() for v in knn_bf16._rounding_norms(bank, b16))
+    bound = knn_bf16.product_error(q_norm, q_err, b_norm, b_err, torch.zeros(()), dim).double()
+    assert ((got - exact).abs() <= bound[:, None] + knn_bf16.OUTPUT_ROUNDING * got.abs()).all()
+
+
+@needs_bf16
+def test_product_error_of_a_shifted_search_bounds_the_true_distances():
+    g = torch.Generator().manual_seed(3)
+    bank = 300.0 + torch.randn(2000, 48, generator=g)
+    query = 300.0 + torch.randn(200, 48, generator=g)
+    shift = knn_bf16._shift(bank)
+    assert shift is not None
+    qs, bs = query - shift, bank - shift
+    c = bs.pow(2).sum(dim=1).mul(-0.5)
+    q16, b16 = qs.bfloat16(), bs.bfloat16()
+    got = knn_cpu.bf16_linear()(q16, b16, c, "none", [], "").double()
+    # the ranking key of the true distances, with the same per-query constant |q_s|^2 / 2
+    true_sq = torch.cdist(query.double(), bank.double()) ** 2
+    exact = 0.5 * (qs.double().pow(2).sum(1, keepdim=True) - true_sq)
+    q_norm, q_err = knn_bf16._rounding_norms(qs, q16)
+    b_norm, b_err = (v.max() for v in knn_bf16._rounding_norms(bs, b16))
+    bound = knn_bf16.product_error(q_norm, q_err, b_norm, b_err, c.abs().max(), 48, True)
+    total = bound.double()[:, None] + knn_bf16.OUTPUT_ROUNDING * got.abs()
+    assert ((got - exact).abs() <= total).all()

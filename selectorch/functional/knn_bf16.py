@@ -124,9 +124,11 @@ def _rounding_norms(x: torch.Tensor, x16: torch.Tensor) -> tuple[torch.Tensor, t
     rounded = torch.empty(x.shape[0], dtype=torch.float32)
     error = torch.empty(x.shape[0], dtype=torch.float32)
     for s in range(0, x.shape[0], step):
-        part = x16[s : s + step].float()
+        # float64: the squares of tiny float32 values underflow (a rounding error of 2^-80
+        # squares to 0 in float32), which would drop |q~| |r_b| from the bound
+        part = x16[s : s + step].double()
         rounded[s : s + step] = part.pow(2).sum(dim=1).sqrt_()
-        error[s : s + step] = part.sub_(x[s : s + step]).pow_(2).sum(dim=1).sqrt_()
+        error[s : s + step] = part.sub_(x[s : s + step].double()).pow_(2).sum(dim=1).sqrt_()
     return rounded, error
 
 

@@ -54,7 +54,9 @@ def bf16_linear() -> Callable[..., torch.Tensor] | None:
     """oneDNN's ``x @ w.T + b`` on bfloat16 ``x`` and ``w`` with a float32 ``b``, if native.
 
     Only where the CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX): elsewhere oneDNN
-    emulates it, slower than float32. Probed once on a tiny input, like :func:`onednn_linear`.
+    emulates it, slower than float32. Probed once on a tiny input, like :func:`onednn_linear`,
+    which also checks that the bias is added in float32 (the error bound of
+    :mod:`~selectorch.functional.knn_bf16` counts on it).
     """
     op = onednn_linear()
     native = (
@@ -65,11 +67,13 @@ def bf16_linear() -> Callable[..., torch.Tensor] | None:
         return None
     x = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.bfloat16)
     w = torch.ones(4, 3, dtype=torch.bfloat16)
+    bias = torch.full((4,), -6.0 + 2.0**-12)  # not a bfloat16 value: must be added in float32
     try:
-        probe = op(x, w, torch.full((4,), 0.5), "none", [], "")
+        probe = op(x, w, bias, "none", [], "")
     except (RuntimeError, TypeError, NotImplementedError):
         return None
-    if probe.shape != (1, 4) or probe.dtype != torch.bfloat16 or not bool((probe == 6.5).all()):
+    exact = probe.shape == (1, 4) and probe.dtype == torch.bfloat16
+    if not exact or not bool((probe.float() == 2.0**-12).all()):
         return None
     return op
 

@@ -266,7 +266,7 @@ def test_a_crowd_float32_resolves_and_bfloat16_cannot_is_never_decided_wrongly(k
 
 
 @needs_bf16
-def test_rounding_norms_of_tiny_rows_do_not_underflow():
+def test_rounding_norms_of_tiny_rows_do_not_underflow(monkeypatch):
     """|b - b~| of rows near 1e-21 squares below float32's range: the bound must keep it."""
     d, s = 64, 2.0**-70
     half = d // 2
@@ -282,6 +282,10 @@ def test_rounding_norms_of_tiny_rows_do_not_underflow():
     assert err.item() > 0
     _, i, decided = bf16_search(torch.ones(4, d), bank, 1, 16)
     assert (i[decided] == 0).all()
+    with monkeypatch.context() as m:  # undecided queries are searched again in float32
+        m.setattr(knn_cpu, "BF16_MIN_QUERIES", 4)
+        args = (1, "euclidean", None, 16, False, torch.float32)
+        assert (knn_cpu.search_cpu(torch.ones(4, d), bank, *args)[1] == 0).all()
 
 
 @needs_bf16
@@ -334,3 +338,24 @@ def test_product_error_of_a_shifted_search_bounds_the_true_distances():
     bound = knn_bf16.product_error(q_norm, q_err, b_norm, b_err, c.abs().max(), 48, True)
     total = bound.double()[:, None] + knn_bf16.OUTPUT_ROUNDING * got.abs()
     assert ((got - exact).abs() <= total).all()
+
+
+@needs_bf16
+def test_the_probe_and_the_rest_share_one_conversion_of_the_bank(monkeypatch):
+    bank, query = embeddings(5000, 32, 20), embeddings(120, 32, 21)
+    prepared = []
+    real = knn_bf16.BankChunks._prepare
+
+    def spy(self, start):
+        prepared.append(start)
+        return real(self, start)
+
+    monkeypatch.setattr(knn_bf16.BankChunks, "_prepare", spy)
+    monkeypatch.setattr(knn_cpu, "BF16_MIN_QUERIES", 50)
+    d, i = knn_module.knn_search(query, bank, 3, chunk_size=2000)
+    assert prepared == [0, 2000, 4000]  # once, though the probe and the rest are two searches
+    monkeypatch.setattr(knn_bf16, "CACHE_BYTES", 0)  # too large to keep: prepared per search
+    prepared.clear()
+    d2, i2 = knn_module.knn_search(query, bank, 3, chunk_size=2000)
+    assert prepared == [0, 2000, 4000] * 2
+    assert torch.equal(i, i2) and torch.equal(d, d2)

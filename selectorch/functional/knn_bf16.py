@@ -36,7 +36,9 @@ rounding of that shift adds ``2^-22 (|q~| + |r_q| + |b~| + |r_b|)^2`` to the bou
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -124,12 +126,13 @@ def _rounding_norms(x: torch.Tensor, x16: torch.Tensor) -> tuple[torch.Tensor, t
     rounded = torch.empty(x.shape[0], dtype=torch.float32)
     error = torch.empty(x.shape[0], dtype=torch.float32)
     for s in range(0, x.shape[0], step):
-        # float64: the squares of tiny float32 values underflow (a rounding error of 2^-80
-        # squares to 0 in float32), which would drop |q~| |r_b| from the bound
-        part = x16[s : s + step].double()
+        part = x16[s : s + step].float()
         rounded[s : s + step] = part.pow(2).sum(dim=1).sqrt_()
-        error[s : s + step] = part.sub_(x[s : s + step].double()).pow_(2).sum(dim=1).sqrt_()
-    return rounded, error
+        error[s : s + step] = part.sub_(x[s : s + step]).pow_(2).sum(dim=1).sqrt_()
+    # a value below 2^-63 squares into float32's subnormals or to 0 (a rounding error of 2^-80
+    # would vanish and drop |q~| |r_b| from the bound): those lose at most sqrt(D) 2^-63
+    tiny = math.sqrt(max(1, x.shape[1])) * 2.0**-62
+    return rounded.add_(tiny), error.add_(tiny)
 
 
 def product_error(
@@ -172,6 +175,68 @@ def product_error(
     return bound.mul_(BOUND_MARGIN)
 
 
+#: Largest bfloat16 copy of a bank that :class:`BankChunks` keeps between two searches.
+CACHE_BYTES = 1 << 28
+
+
+class BankChunks:
+    """The bank as the pre-selection reads it, chunk by chunk: shifted, in bfloat16, with bounds.
+
+    Iterating yields ``(start, part16, bias, (b_norm, b_err, c_max))`` per chunk of ``chunk``
+    rows: the chunk in bfloat16 (shifted by :attr:`shift` for euclidean search), its float32
+    bias ``-|b|^2 / 2`` (``None`` for cosine) and the largest ``|b~|``, ``|b - b~|`` and
+    ``|c|`` of its rows. Prepared chunks are kept for the next iteration while the bfloat16
+    bank stays within :data:`CACHE_BYTES`, so several searches of one bank (a probe, then the
+    rest of the queries) convert it once.
+
+    Args:
+        bank: ``(M, D)`` finite bank rows, any float dtype.
+        chunk: Bank rows per chunk.
+        metric: ``"euclidean"`` or ``"cosine"``.
+        bank_sq_norms: Optional ``(M,)`` stored squared norms of the bank rows.
+        bank_normalized: For cosine, whether the bank rows already have unit norm.
+    """
+
+    def __init__(
+        self,
+        bank: torch.Tensor,
+        chunk: int,
+        metric: str,
+        bank_sq_norms: torch.Tensor | None,
+        bank_normalized: bool,
+    ) -> None:
+        self.bank, self.chunk, self.metric = bank, chunk, metric
+        self.bank_sq_norms, self.bank_normalized = bank_sq_norms, bank_normalized
+        self.shift = _shift(bank) if metric == "euclidean" else None
+        self._keep = 2 * bank.shape[0] * bank.shape[1] <= CACHE_BYTES
+        self._prepared: list[tuple[Any, ...]] = []
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        if self._prepared:
+            yield from self._prepared
+            return
+        for start in range(0, self.bank.shape[0], self.chunk):
+            item = self._prepare(start)
+            if self._keep:
+                self._prepared.append(item)
+            yield item
+
+    def _prepare(self, start: int) -> tuple[Any, ...]:
+        part = self.bank[start : start + self.chunk].to(torch.float32)
+        bias = None
+        if self.shift is not None:
+            part = part - self.shift
+            bias = part.pow(2).sum(dim=1).mul_(-0.5)
+        elif self.metric == "euclidean":  # -|b|^2 / 2, out of place: the caller's norms
+            bias = chunk_sq_norms(part, self.bank_sq_norms, start, torch.float32).mul(-0.5)
+        elif not self.bank_normalized:
+            part = prepare_bank(part, self.metric)
+        part16 = part.to(torch.bfloat16)
+        b_norm, b_err = (v.max() for v in _rounding_norms(part, part16))
+        c_max = bias.abs().max() if bias is not None else torch.zeros(())
+        return start, part16, bias, (b_norm, b_err, c_max)
+
+
 def certified_bf16_search(
     query: torch.Tensor,
     bank: torch.Tensor,
@@ -182,6 +247,7 @@ def certified_bf16_search(
     rows: int,
     bank_normalized: bool,
     linear: Callable[..., torch.Tensor],
+    chunks: BankChunks | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact k nearest neighbours from a bfloat16 product and a float32 re-rank of a few rows.
 
@@ -195,6 +261,8 @@ def certified_bf16_search(
         rows: Queries per product.
         bank_normalized: For cosine, whether the bank rows already have unit norm.
         linear: oneDNN's ``x @ w.T + b`` on bfloat16 inputs with a float32 bias.
+        chunks: The bank prepared for these arguments (:class:`BankChunks`), to share it
+            between calls; prepared here when ``None``.
 
     Returns:
         ``(distances, indices, decided)``: ``(B, k)`` float32 distances sorted increasing (as
@@ -206,7 +274,12 @@ def certified_bf16_search(
     n_bank = bank.shape[0]
     squared = metric == "euclidean"
     keep = min(kept_width(k), n_bank)
-    shift = _shift(bank) if squared else None
+    chunks = (
+        BankChunks(bank, chunk, metric, bank_sq_norms, bank_normalized)
+        if chunks is None
+        else chunks
+    )
+    shift = chunks.shift
     query_s = query if shift is None else query - shift
     q16 = query_s.to(torch.bfloat16)
     q_norm, q_err = _rounding_norms(query_s, q16)
@@ -214,20 +287,8 @@ def certified_bf16_search(
     lower = torch.full((n_query, keep), -torch.inf)
     index = torch.zeros((n_query, keep), dtype=torch.int64)
     let_go = torch.full((n_query,), -torch.inf)
-    for start in range(0, n_bank, chunk):
-        part = bank[start : start + chunk].to(torch.float32)
-        width = part.shape[0]
-        bias = None
-        if shift is not None:
-            part = part - shift
-            bias = part.pow(2).sum(dim=1).mul_(-0.5)
-        elif squared:  # -|b|^2 / 2, out of place: the norms may be a view of the caller's
-            bias = chunk_sq_norms(part, bank_sq_norms, start, torch.float32).mul(-0.5)
-        elif not bank_normalized:
-            part = prepare_bank(part, metric)
-        part16 = part.to(torch.bfloat16)
-        b_norm, b_err = (v.max() for v in _rounding_norms(part, part16))
-        c_max = bias.abs().max() if bias is not None else torch.zeros(())
+    for start, part16, bias, (b_norm, b_err, c_max) in chunks:
+        width = part16.shape[0]
         error = product_error(q_norm, q_err, b_norm, b_err, c_max, dim, shift is not None)
         take = min(keep + 1, width)
         for first in range(0, n_query, rows):

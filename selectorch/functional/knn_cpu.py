@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from selectorch.functional.distances import chunk_sq_norms, prepare_bank
-from selectorch.functional.knn_bf16 import certified_bf16_search
+from selectorch.functional.knn_bf16 import BankChunks, certified_bf16_search
 from selectorch.functional.topk import chunk_topk, merge_topk
 
 #: Values of one block of the blocked CPU path, ``rows x chunk`` (float32: 16 MiB, so a
@@ -20,8 +20,8 @@ CPU_BLOCK_ELEMENTS = 1 << 22
 #: Searches of at least this many queries use the bfloat16 pre-selection
 #: (:func:`~selectorch.functional.knn_bf16.certified_bf16_search`) where the CPU has it. Each
 #: search converts the bank once (~45 ms for 50,000 x 512 on 2 cores), which the faster
-#: product repays from about 300 queries on (``benchmarks/RESULTS.md``).
-BF16_MIN_QUERIES = 512
+#: product repays from about 700 queries on (``benchmarks/RESULTS.md``).
+BF16_MIN_QUERIES = 1024
 #: The first :data:`BF16_MIN_QUERIES` queries of a search are a probe: unless the bound decides
 #: at least this fraction of them, the rest are searched in float32 directly.
 BF16_MIN_DECIDED = 0.5
@@ -109,10 +109,11 @@ def search_cpu(
     chunk = min(bank.shape[0], max(k, chunk_size))
     # bfloat16 values: twice the rows for the bytes of a float32 block
     rows = max(1, min(query.shape[0], 2 * CPU_BLOCK_ELEMENTS // chunk))
+    chunks = BankChunks(bank, chunk, metric, bank_sq_norms, bank_normalized)  # converted once
     search = functools.partial(
         certified_bf16_search,
         bank=bank, k=k, metric=metric, bank_sq_norms=bank_sq_norms, chunk=chunk, rows=rows,
-        bank_normalized=bank_normalized, linear=linear,
+        bank_normalized=bank_normalized, linear=linear, chunks=chunks,
     )  # fmt: skip
     parts = [search(query[:BF16_MIN_QUERIES])]
     rest = query[BF16_MIN_QUERIES:]

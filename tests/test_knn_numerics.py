@@ -229,3 +229,22 @@ def test_blocked_cpu_search_without_onednn_gives_the_same_neighbours(metric, mon
     assert torch.equal(i, i2)
     torch.testing.assert_close(d, d2, rtol=0, atol=1e-6)
     assert torch.equal(i, plain_search(monkeypatch, query, bank, 6, **kwargs)[1])
+
+
+def test_compiled_code_follows_the_float32_matmul_precision():
+    """The fused kernel reads torch's precision switch through `assume_constant_result`; a
+    compiled graph must not keep the value it was traced with (dynamo guards on it)."""
+    from selectorch.search.triton_knn import _fp32_precision
+
+    def f(x):
+        return x * 2 if _fp32_precision() == "tf32x3" else x * 3
+
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert compiled(torch.ones(1)).item() == 2
+        torch.set_float32_matmul_precision("high")
+        assert compiled(torch.ones(1)).item() == 3
+    finally:
+        torch.set_float32_matmul_precision(before)

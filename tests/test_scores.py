@@ -206,6 +206,7 @@ def test_every_registered_score_declares_its_runtime_attributes():
             cls.compile_clean,
         )
         assert row["needs_fit"] == bool(cls.fitted_buffers)
+        assert row["calibrates_on_labels"] == (name == "dknn"), name
     assert rows["knn"]["requires_grad"] is False and rows["knn"]["compile_clean"] is True
     assert (rows["odin"]["requires_grad"], rows["odin"]["passes"]) == (True, 2)
     assert rows["odin"]["compile_clean"] is False and rows["vim"]["needs_head"] is True

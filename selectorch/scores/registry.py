@@ -47,7 +47,8 @@ def list_scores(details: bool = False) -> list[str] | list[dict[str, Any]]:
             ``torch.enable_grad()``), ``passes`` (model forward passes per batch),
             ``compile_clean`` (a SelectiveModel with it compiles with ``fullgraph=True``),
             ``needs_fit`` (has state that ``fit`` fills), ``needs_head`` (a SelectiveModel
-            needs ``head=``) and ``needs_preds`` (works on the predicted class).
+            needs ``head=``), ``needs_preds`` (works on the predicted class) and
+            ``calibrates_on_labels`` (``calibrate`` uses the held-out rows' true labels).
 
     Returns:
         Sorted names, or the rows in the same order.
@@ -75,6 +76,7 @@ def _details(name: str, cls: type) -> dict[str, Any]:
         "needs_fit": bool(cls.fitted_buffers),
         "needs_head": bool(getattr(cls, "needs_head", False)),
         "needs_preds": bool(getattr(cls, "needs_preds", False)),
+        "calibrates_on_labels": bool(cls.calibrates_on_labels),
     }
 
 

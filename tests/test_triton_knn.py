@@ -320,3 +320,49 @@ def test_compile_fullgraph_matches_eager_without_recompiling(dtype, maxnreg, n_q
     d2, _ = compiled(query + 0.5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
     assert d2.shape == (n_query, 7)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize(("n_query", "n_bank", "dim", "k"), [
+    (130, 40_000, 256, 50), (300, 20_001, 128, MAX_K), (256, 70_000, 64, 10),
+])
+def test_warp_specialised_kernel_equals_the_triton_kernel(dtype, metric, n_query, n_bank, dim,
+                                                           k):
+    # the Gluon kernel (Hopper; elsewhere both runs take the Triton kernel) chooses the same
+    # candidates from the same scores, also as the refinement sample's kernel
+    query, bank32 = make(n_query, n_bank, dim, metric=metric, seed=5)
+    bank = bank32.to(dtype)
+    d_ws, i_ws = fused_knn_search(query, bank, k, metric=metric,
+                                  _config=dict(ws=True, refine_ws=True))
+    d_tr, i_tr = fused_knn_search(query, bank, k, metric=metric, _config=dict(ws=False))
+    assert recall(i_ws, i_tr) >= 0.999
+    torch.testing.assert_close(d_ws, d_tr, rtol=1e-5, atol=1e-5)
+    _, i_ref = knn_search(query, bank32, k, metric=metric)
+    assert recall(i_ws, i_ref) >= 0.99
+
+
+@gpu
+@pytest.mark.parametrize("splits_per_sm", [0, 2])
+def test_warp_specialised_kernel_compacts_without_a_threshold(splits_per_sm):
+    # no sample: every score passes, each consumer's half buffer fills and is compacted many
+    # times, and the two halves are merged into the split's top k
+    query, bank = make(150, 30_000, 64, dtype=torch.bfloat16, seed=11)
+    cfg = dict(sample=False, splits_per_sm=splits_per_sm)
+    d_ws, i_ws = fused_knn_search(query, bank, 20, _config=dict(cfg, ws=True))
+    d_tr, i_tr = fused_knn_search(query, bank, 20, _config=dict(cfg, ws=False))
+    assert recall(i_ws, i_tr) >= 0.999
+    torch.testing.assert_close(d_ws, d_tr, rtol=1e-5, atol=1e-5)
+
+
+@gpu
+def test_warp_specialised_kernel_keeps_neighbours_in_one_split():
+    # a bank in class order: all of a query's candidates lie in one split (compaction there)
+    query, bank = make(200, 60_000, 128, seed=2)
+    order = torch.argsort(bank @ query[0])
+    bank = bank[order].contiguous().bfloat16()
+    d_ws, i_ws = fused_knn_search(query, bank, 50, _config=dict(ws=True))
+    d_tr, i_tr = fused_knn_search(query, bank, 50, _config=dict(ws=False))
+    assert recall(i_ws, i_tr) >= 0.999
+    torch.testing.assert_close(d_ws, d_tr, rtol=1e-5, atol=1e-5)

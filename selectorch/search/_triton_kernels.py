@@ -26,6 +26,10 @@ broken by position) goes to a dense ``(B, splits * KP)`` output, ``+inf`` in unu
 splits. With ``sample_step`` the same kernel searches a strided bank sample (the threshold's
 second sample).
 
+``_merge_halves_kernel``: the merge of the two half buffers that the warp-specialised Gluon
+kernel (:mod:`._gluon_kernels`) leaves per (query, split), into the same dense output; with
+``REDO`` the candidates kernel runs only the (query tile, split) programs flagged there.
+
 Kernel 2, ``knn_gather_distances``: exact fp32 distances of the chosen neighbours, recomputed
 from the stored rows (``sqrt(sum((q - b)^2))``, or ``1 - q.b`` for cosine).
 
@@ -191,15 +195,20 @@ def _append_tile(acc, n0, stop, offs_t, bias_ptr, stride_bias, scale, val_ptr, i
 
 @triton.jit
 def _knn_candidates_kernel(
-    q_ptr, b_ptr, bias_ptr, tau_ptr, buf_val, buf_idx, out_val, out_idx,
+    q_ptr, b_ptr, bias_ptr, tau_ptr, buf_val, buf_idx, out_val, out_idx, redo_ptr,
     B, M, rows_per_split, n_splits, stride_q, stride_b, stride_bias, scale,
     D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, C: tl.constexpr, CH: tl.constexpr,
     T: tl.constexpr, E: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    TMA: tl.constexpr, EPI: tl.constexpr,
+    TMA: tl.constexpr, EPI: tl.constexpr, REDO: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
+    if REDO:
+        # only the (query tile, split) programs flagged in redo_ptr run (the others' outputs
+        # are already written)
+        if tl.load(redo_ptr + pid_q * n_splits + pid_s) == 0:
+            return
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_ok = offs_q < B
     offs_d = tl.arange(0, BLOCK_D)
@@ -250,6 +259,66 @@ def _knn_candidates_kernel(
     out = (offs_q[:, None] * n_splits + pid_s) * KP + cols[None, :]
     tl.store(out_val + out, v, mask=q_ok[:, None])
     tl.store(out_idx + out, i, mask=q_ok[:, None])
+
+
+@triton.jit
+def _merge_halves_kernel(buf_val, buf_idx, cnt_ptr, out_val, out_idx, redo_ptr, B, n_splits,
+                         K: tl.constexpr, KP: tl.constexpr, C: tl.constexpr, CH: tl.constexpr,
+                         BLOCK_Q: tl.constexpr):
+    """Merge the two half buffers of every (query, split) into the split's top ``K``.
+
+    For the warp-specialised kernel (:mod:`._gluon_kernels`): its consumers fill the halves
+    ``[0, C/2)`` and ``[C/2, C)`` of a row's scratch buffer, counts in ``cnt_ptr``
+    ``(B, n_splits, 2)``. Each half is compacted to its ``K`` best, half 1 copied behind half
+    0, the row compacted again and written to the dense output. A pair where a half overflowed
+    (count above ``C/2``) is flagged in ``redo_ptr`` for the Triton kernel.
+    """
+    pid_q = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    H: tl.constexpr = C // 2
+    rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    r_ok = rows < B
+    c_base = (rows * n_splits + pid_s) * 2
+    n0 = tl.load(cnt_ptr + c_base, mask=r_ok, other=0)
+    n1 = tl.load(cnt_ptr + c_base + 1, mask=r_ok, other=0)
+    lost = tl.max(tl.maximum(n0, n1), axis=0) > H
+    tl.store(redo_ptr + pid_q * n_splits + pid_s, lost.to(tl.int32))
+    n0 = tl.minimum(n0, H)
+    n1 = tl.minimum(n1, H)
+    slot0 = (rows.to(tl.int64) * n_splits + pid_s) * C
+    tau = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    if tl.max(n0, axis=0) > K:
+        n0, tau = _compact(buf_val, buf_idx, slot0, n0, tau, K, CH, BLOCK_Q)
+    if tl.max(n1, axis=0) > K:
+        n1, tau = _compact(buf_val, buf_idx, slot0 + H, n1, tau, K, CH, BLOCK_Q)
+    for c0 in range(0, tl.max(n1, axis=0), CH):
+        cols = c0 + tl.arange(0, CH)
+        mv = cols[None, :] < n1[:, None]
+        v = tl.load(buf_val + slot0[:, None] + H + cols[None, :], mask=mv, other=float("inf"))
+        i = tl.load(buf_idx + slot0[:, None] + H + cols[None, :], mask=mv, other=0)
+        tl.store(buf_val + slot0[:, None] + n0[:, None] + cols[None, :], v, mask=mv)
+        tl.store(buf_idx + slot0[:, None] + n0[:, None] + cols[None, :], i, mask=mv)
+    count = n0 + n1
+    # (the reduction's barrier makes the copies visible to the compaction's threads)
+    if tl.max(count, axis=0) > K:
+        count, tau = _compact(buf_val, buf_idx, slot0, count, tau, K, CH, BLOCK_Q)
+    cols = tl.arange(0, KP)
+    filled = cols[None, :] < count[:, None]
+    v = tl.load(buf_val + slot0[:, None] + cols[None, :], mask=filled, other=float("inf"))
+    i = tl.load(buf_idx + slot0[:, None] + cols[None, :], mask=filled, other=0)
+    out = (rows[:, None] * n_splits + pid_s) * KP + cols[None, :]
+    tl.store(out_val + out, v, mask=r_ok[:, None])
+    tl.store(out_idx + out, i, mask=r_ok[:, None])
+
+
+def merge_halves(buf_val: torch.Tensor, buf_idx: torch.Tensor, counts: torch.Tensor,
+                 values: torch.Tensor, indices: torch.Tensor, redo: torch.Tensor, n_query: int,
+                 layout: CandidateLayout, keep: int, block_q: int) -> None:
+    """Launch :func:`_merge_halves_kernel` (outputs into ``values``, ``indices``, ``redo``)."""
+    grid = (triton.cdiv(n_query, block_q), layout.n_splits)
+    _merge_halves_kernel[grid](buf_val, buf_idx, counts, values, indices, redo, n_query,
+                               layout.n_splits, K=keep, KP=layout.out_slots, C=layout.capacity,
+                               CH=32, BLOCK_Q=block_q, num_warps=8)
 
 
 @triton.jit
@@ -498,6 +567,57 @@ def _tma_ready(x: torch.Tensor) -> bool:
             and x.shape[0] < 2**31)
 
 
+def launch_candidates(query: torch.Tensor, bank: torch.Tensor, bias: torch.Tensor,
+                      tau: torch.Tensor, scale: float, has_bias: bool, keep: int, block_q: int,
+                      block_n: int, block_d: int, num_warps: int, num_stages: int,
+                      splits_per_sm: int, precision: str, chunk_tiles: int, rounds: int,
+                      maxnreg: int, sample_step: int, tma: bool, epilogue: int,
+                      redo: torch.Tensor | None = None,
+                      out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
+                      = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`knn_candidates`' launch; with ``redo`` only the flagged programs run.
+
+    ``redo`` ``(n_query_tiles, n_splits)`` int32 (non-zero: run) and ``out`` (the scratch
+    values and indices, then the outputs, as :func:`knn_candidates` allocates them) let
+    another kernel hand over the (query tile, split) pairs it could not finish.
+    """
+    lay, shape, step = _candidates_shape(query, bank, keep, block_q, block_n, chunk_tiles,
+                                         splits_per_sm, sample_step)
+    if step > 1:
+        bank = bank[::step]
+        if has_bias:
+            bias = bias[::step]
+    n_query, dim = query.shape
+    dev = query.device
+    scratch = (n_query, lay.n_splits, lay.capacity)
+    if out is None:
+        out = (torch.empty(scratch, dtype=torch.float32, device=dev),
+               torch.empty(scratch, dtype=torch.int32, device=dev),
+               torch.empty(shape, dtype=torch.float32, device=dev),
+               torch.empty(shape, dtype=torch.int32, device=dev))
+    scratch_val, scratch_idx, values, indices = out
+    grid = (triton.cdiv(n_query, block_q), lay.n_splits)
+    q_in: Any = query
+    b_in: Any = bank
+    use_tma = tma and _tma_ready(query) and _tma_ready(bank)
+    if use_tma:
+        q_in = TensorDescriptor(query, list(query.shape), list(query.stride()),
+                                [block_q, block_d])
+        b_in = TensorDescriptor(bank, list(bank.shape), list(bank.stride()), [block_n, block_d])
+    with torch.cuda.device(dev):
+        _launcher(num_warps, num_stages, maxnreg)[grid](
+            q_in, b_in, bias, tau, scratch_val, scratch_idx, values, indices,
+            redo if redo is not None else tau,
+            n_query, bank.shape[0], lay.rows_per_split, lay.n_splits, query.stride(0),
+            bank.stride(0), bias.stride(0) if has_bias else 1, scale, D=dim, K=keep,
+            KP=lay.out_slots, C=lay.capacity, CH=32,
+            T=chunk_tiles, E=rounds, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
+            HAS_BIAS=has_bias, PRECISION=precision, TMA=use_tma, EPI=epilogue,
+            REDO=redo is not None,
+        )
+    return values, indices
+
+
 # A plain custom op (opaque to inductor, one graph with dynamo): inductor re-emits the
 # launches of a triton_op and would drop the register cap, so this op launches the kernel itself
 @torch.library.custom_op("selectorch::knn_candidates", mutates_args=())
@@ -536,37 +656,9 @@ def knn_candidates(
     scores ``bias + scale * q.b`` of each split's best candidates, ``+inf`` (index 0) in unused
     slots.
     """
-    lay, shape, step = _candidates_shape(query, bank, keep, block_q, block_n, chunk_tiles,
-                                         splits_per_sm, sample_step)
-    if step > 1:
-        bank = bank[::step]
-        if has_bias:
-            bias = bias[::step]
-    n_query, dim = query.shape
-    dev = query.device
-    scratch = (n_query, lay.n_splits, lay.capacity)
-    scratch_val = torch.empty(scratch, dtype=torch.float32, device=dev)
-    scratch_idx = torch.empty(scratch, dtype=torch.int32, device=dev)
-    values = torch.empty(shape, dtype=torch.float32, device=dev)
-    indices = torch.empty(shape, dtype=torch.int32, device=dev)
-    grid = (triton.cdiv(n_query, block_q), lay.n_splits)
-    q_in: Any = query
-    b_in: Any = bank
-    use_tma = tma and _tma_ready(query) and _tma_ready(bank)
-    if use_tma:
-        q_in = TensorDescriptor(query, list(query.shape), list(query.stride()),
-                                [block_q, block_d])
-        b_in = TensorDescriptor(bank, list(bank.shape), list(bank.stride()), [block_n, block_d])
-    with torch.cuda.device(dev):
-        _launcher(num_warps, num_stages, maxnreg)[grid](
-            q_in, b_in, bias, tau, scratch_val, scratch_idx, values, indices,
-            n_query, bank.shape[0], lay.rows_per_split, lay.n_splits, query.stride(0),
-            bank.stride(0), bias.stride(0) if has_bias else 1, scale, D=dim, K=keep,
-            KP=lay.out_slots, C=lay.capacity, CH=32,
-            T=chunk_tiles, E=rounds, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
-            HAS_BIAS=has_bias, PRECISION=precision, TMA=use_tma, EPI=epilogue,
-        )
-    return values, indices
+    return launch_candidates(query, bank, bias, tau, scale, has_bias, keep, block_q, block_n,
+                             block_d, num_warps, num_stages, splits_per_sm, precision,
+                             chunk_tiles, rounds, maxnreg, sample_step, tma, epilogue)
 
 
 @knn_candidates.register_fake

@@ -35,6 +35,16 @@ BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+def _has_gluon() -> bool:
+    try:
+        return importlib.util.find_spec("triton.experimental.gluon") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+_HAS_GLUON = _HAS_TRITON and _has_gluon()
+
+
 def _kernels() -> ModuleType:
     """The Triton kernels, imported on first use (Triton is not needed on CPU-only machines).
 
@@ -44,6 +54,58 @@ def _kernels() -> ModuleType:
     from selectorch.search import _triton_kernels
 
     return _triton_kernels
+
+
+def _gluon() -> ModuleType:
+    """The warp-specialised Gluon kernel (Hopper), imported on first use like :func:`_kernels`."""
+    from selectorch.search import _gluon_kernels
+
+    return _gluon_kernels
+
+
+@torch.compiler.assume_constant_result
+def _is_hopper(index: int) -> bool:
+    # the Gluon kernel uses Hopper's wgmma; other GPUs keep the Triton kernel
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+def _use_ws(query_k: torch.Tensor, bank: torch.Tensor, cfg: dict[str, Any]) -> bool:
+    """Whether the candidates pass runs the warp-specialised Gluon kernel (else the Triton one).
+
+    Half banks with 128-query tiles (``B > 64``) and ``D`` a multiple of 64, on a Hopper GPU,
+    unless ``cfg["ws"]`` is off (on an H100 the Gluon kernel took 2.46-2.53 ms where the Triton
+    kernel took 2.74-2.81 ms, headline case, benchmarks/RESULTS.md); the kernel itself falls
+    back to the Triton one where the tensors do not suit tensor descriptors. ``refine_ws``
+    also runs the refinement sample through it (no clear gain, off). Depends only on metadata
+    and the device.
+    """
+    return (
+        bool(cfg["ws"])
+        and _HAS_GLUON
+        and bank.dtype in (torch.bfloat16, torch.float16)
+        and cfg["block_q"] == 128
+        and cfg["block_d"] == 64
+        and bank.shape[1] % 64 == 0
+        and _is_hopper(bank.device.index if bank.device.index is not None else 0)
+    )
+
+
+def _candidates(query_k: torch.Tensor, bank: torch.Tensor, bias: torch.Tensor,
+                tau: torch.Tensor, scale: float, has_bias: bool, n_sel: int, precision: str,
+                cfg: dict[str, Any], sample_step: int = 0, refine: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One candidates pass (the full bank, or with ``sample_step`` the refinement sample)."""
+    stages = cfg["num_stages"]
+    splits, tma = cfg["splits_per_sm"], cfg["tma"]
+    if refine:
+        stages = cfg["refine_stages"] or stages
+        splits, tma = cfg["refine_splits_per_sm"], cfg["refine_tma"]
+    args = (query_k, bank, bias, tau, scale, has_bias, n_sel, cfg["block_q"], cfg["block_n"],
+            cfg["block_d"], cfg["num_warps"], stages, splits, precision, cfg["chunk_tiles"],
+            cfg["rounds"], cfg["maxnreg"], sample_step, tma, cfg["epilogue"])
+    if (cfg["refine_ws"] or not refine) and _use_ws(query_k, bank, cfg):
+        return _gluon().knn_candidates_ws(*args, cfg["ws_stages"], cfg["ws_regs"])
+    return _kernels().knn_candidates(*args)
 
 
 def supports(query: torch.Tensor, bank: torch.Tensor, k: int) -> bool:
@@ -109,7 +171,7 @@ def _default_config(n_query: int, dim: int, dtype: torch.dtype) -> dict[str, Any
     cfg: dict[str, Any] = dict(block_d=block_d, splits_per_sm=2, chunk_tiles=4, rounds=2,
                                maxnreg=0, sample=True, sample_step=128, refine_step=0,
                                refine_splits_per_sm=1, refine_stages=0, refine_tma=True, tma=True,
-                               epilogue=1)
+                               epilogue=1, ws=True, refine_ws=False, ws_stages=6, ws_regs=224)
     if n_query <= 16:
         return dict(cfg, block_q=16, block_n=128, num_warps=4, num_stages=4)
     if n_query <= 32:
@@ -252,13 +314,8 @@ def _threshold(
                                 n_sel, True, not cosine, not cosine, False)
     fine = cfg["refine_step"]
     if fine and step >= 4 * fine:
-        sub_vals, _ = ops.knn_candidates(
-            query_k, bank, bias, tau, scale, not cosine, n_sel,
-            cfg["block_q"], cfg["block_n"], cfg["block_d"], cfg["num_warps"],
-            cfg["refine_stages"] or cfg["num_stages"], cfg["refine_splits_per_sm"], precision,
-            cfg["chunk_tiles"], cfg["rounds"], cfg["maxnreg"], fine, cfg["refine_tma"],
-            cfg["epilogue"],
-        )
+        sub_vals, _ = _candidates(query_k, bank, bias, tau, scale, not cosine, n_sel, precision,
+                                  cfg, fine, refine=True)
         if small:
             kth = sub_vals.topk(n_sel, dim=1, largest=False, sorted=False).values.amax(dim=1)
             tau = torch.minimum(tau, _bound(kth, query_k, bias_or_none, scale, rel_error))
@@ -352,12 +409,8 @@ def _fused_search(
         cfg.update(config)
     precision = _fp32_precision() if bank.dtype == torch.float32 else "tf32"
     tau = _threshold(query_k, bank, bias, scale, cosine, n_sel, precision, cfg)
-    values, cand = ops.knn_candidates(
-        query_k, bank, bias, tau, scale, not cosine, n_sel,
-        cfg["block_q"], cfg["block_n"], cfg["block_d"], cfg["num_warps"], cfg["num_stages"],
-        cfg["splits_per_sm"], precision, cfg["chunk_tiles"], cfg["rounds"], cfg["maxnreg"], 0,
-        cfg["tma"], cfg["epilogue"],
-    )
+    values, cand = _candidates(query_k, bank, bias, tau, scale, not cosine, n_sel, precision,
+                               cfg)
     # merge the splits: the bank rows of the n_sel smallest candidate scores (B, n_sel)
     if n_query >= SELECT_MIN_QUERIES:
         chosen = ops.knn_select(values, cand, n_sel)

@@ -318,8 +318,10 @@ def _tensors_with_rows(named: Mapping[Any, Any]) -> bool:
 
 
 def fits_nothing(score: Any) -> bool:
-    """Whether ``score.fit`` keeps nothing from its data (its class leaves ``_fit`` as is)."""
-    return type(score)._fit is Score._fit
+    """Whether ``score.fit`` keeps nothing from its data: its class overrides neither ``fit``
+    (as multi-layer scores do) nor ``_fit``."""
+    cls = type(score)
+    return cls.fit is Score.fit and cls._fit is Score._fit
 
 
 @torch.no_grad()

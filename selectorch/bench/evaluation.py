@@ -195,10 +195,7 @@ def _recorded_scores(
             _set_head(model, sel.score, head)
         device = module_device(model)
         start = time.perf_counter()
-        if getattr(score, "needs_losses", False):  # DEUP learns the model's loss on `fit`
-            _fit_on_losses(sel.score, recordings["fit"], entry, device)
-        else:
-            sel.fit(recordings["fit"], progress=False)
+        sel.fit(recordings["fit"], progress=False)  # DEUP: the model's loss from the logits
         fit_s = time.perf_counter() - start
         sel.calibrate(recordings["calibrate"], progress=False, **target)
         splits = {"test": recordings["test"]}
@@ -224,22 +221,6 @@ def _recorded_scores(
         fit_s=fit_s,
         score_s=score_s,
     )
-
-
-def _fit_on_losses(
-    score: Score, rec: TensorDictBase, entry: Entry, device: torch.device
-) -> None:
-    """Fit a loss predictor (DEUP) on the recorded features and the model's per-sample loss."""
-    labels = rec.get("labels", None)
-    if labels is None:
-        raise ValueError(
-            f"{type(score).__name__} learns the model's per-sample loss: `fit` needs labels."
-        )
-    logits = _plain(rec["logits"]).to(device).float()
-    losses = torch.nn.functional.cross_entropy(
-        logits, _plain(labels).to(device).long(), reduction="none"
-    )
-    score.fit(_plain(rec[entry.layer or "logits"]).to(device), losses)
 
 
 def _score_inputs(

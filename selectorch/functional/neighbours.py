@@ -152,20 +152,20 @@ def class_nearest_search(
         step = max(1, chunk_size // n_classes)
         best = torch.full((q.shape[0], n_classes), math.inf, dtype=dtype, device=q.device)
         position = torch.zeros(q.shape[0], n_classes, dtype=torch.long, device=q.device)
+        # stored norms in half precision lose too much (or overflow): recompute them
+        recompute = bank_sq_norms is None or bank_sq_norms.dtype in (torch.float16, torch.bfloat16)
         for start in range(0, m_max, step):
             stop = min(start + step, m_max)
             block = banks[:, start:stop].to(dtype)  # (C, c, D)
             valid = torch.isfinite(block[..., 0])  # padding rows are +inf
             block = torch.where(valid[..., None], block, 0.0)
-            # stored norms in half precision lose too much (or overflow): recompute them
-            low = bank_sq_norms is None or bank_sq_norms.dtype in (torch.float16, torch.bfloat16)
-            norms = block.pow(2).sum(dim=2) if low else bank_sq_norms[:, start:stop].to(dtype)
+            norms = block.pow(2).sum(dim=2) if recompute else bank_sq_norms[:, start:stop].to(dtype)
             sq = q_sq - 2.0 * (q @ block.reshape(-1, dim).T) + norms.reshape(1, -1)
             sq = sq.view(q.shape[0], n_classes, stop - start).clamp_min(0.0)
             sq = torch.where(valid, sq, math.inf)
-            low, pos = sq.min(dim=2)
-            better = low < best
-            best = torch.where(better, low, best)
+            nearest, pos = sq.min(dim=2)
+            better = nearest < best
+            best = torch.where(better, nearest, best)
             position = torch.where(better, pos + start, position)
         return best.sqrt(), position
 

@@ -8,9 +8,10 @@ from typing import Any, ClassVar
 import torch
 
 from selectorch._checks import check_finite_rows, check_int, check_rows
-from selectorch.functional.knn import DEFAULT_CHUNK_SIZE
+from selectorch.functional.knn import DEFAULT_CHUNK_SIZE, row_sq_norms
 from selectorch.functional.neighbours import dknn_score
 from selectorch.scores.layers import LayerScore
+from selectorch.scores.mahalanobis import check_labels
 from selectorch.scores.registry import register_score
 
 
@@ -79,17 +80,7 @@ class DkNNScore(LayerScore):
     def _fit_layers(
         self, features: list[torch.Tensor], logits: torch.Tensor, y: torch.Tensor | None
     ) -> None:
-        name = type(self).__name__
-        if y is None:
-            raise ValueError(
-                f"{name} needs class labels: expected argument `y` to be an (N,) integer tensor "
-                "of the reference rows' classes, got None. Call fit(X, y)."
-            )
-        if y.ndim != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            raise ValueError(
-                f"Expected argument `y` to be an (N,) integer tensor of class labels, got shape "
-                f"{tuple(y.shape)} and dtype {y.dtype}."
-            )
+        y = check_labels(type(self).__name__, y)
         self._check_k(logits.shape[0])
         means = [f.mean(dim=0) for f in features]
         self._set_buffer("mean_", torch.cat(means))
@@ -106,8 +97,10 @@ class DkNNScore(LayerScore):
     def _refresh_derived(self) -> None:
         super()._refresh_derived()
         self._check_k(self.bank_.shape[0])
-        bank = self.bank_.to(torch.promote_types(self.bank_.dtype, torch.float32))
-        self.bank_sq_norms_ = torch.stack([b.pow(2).sum(dim=1) for b in bank.split(self._dims, 1)])
+        work = torch.promote_types(self.bank_.dtype, torch.float32)
+        self.bank_sq_norms_ = torch.stack(
+            [row_sq_norms(b, work) for b in self.bank_.split(self._dims, 1)]
+        )
 
     def _nonconformity(self, features: list[torch.Tensor], classes: torch.Tensor) -> torch.Tensor:
         """``(N,)`` fraction of the neighbours whose label is not ``classes`` (compile-clean)."""
@@ -152,12 +145,7 @@ class DkNNScore(LayerScore):
         for key, f in zip(self.layers_, features, strict=True):
             check_finite_rows(f"X[{key!r}]", f)
         check_finite_rows("X['logits']", logits)
-        y = check_rows("y", y, logits.shape[0], "X")
-        if y.ndim != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            raise ValueError(
-                f"Expected argument `y` to be an (n,) integer tensor of class labels, got shape "
-                f"{tuple(y.shape)} and dtype {y.dtype}."
-            )
+        y = check_labels(type(self).__name__, check_rows("y", y, logits.shape[0], "X"))
         y, step = y.to(logits.device), 4096
         scores = [
             self._nonconformity([f[s : s + step] for f in features], y[s : s + step])

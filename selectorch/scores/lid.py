@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 
 from selectorch._checks import check_int
-from selectorch.functional.knn import DEFAULT_CHUNK_SIZE
+from selectorch.functional.knn import DEFAULT_CHUNK_SIZE, row_sq_norms
 from selectorch.functional.neighbours import lid_score
 from selectorch.scores.base import Score
 from selectorch.scores.registry import register_score
@@ -86,7 +86,7 @@ class LIDScore(Score):
     def _refresh_derived(self) -> None:
         self._check_k(self.bank_.shape[0])
         work = torch.promote_types(self.bank_.dtype, torch.float32)
-        self.bank_sq_norms_ = self.bank_.to(work).pow(2).sum(dim=1)
+        self.bank_sq_norms_ = row_sq_norms(self.bank_, work)  # no (M, D) temporary
 
     def _score(self, X: torch.Tensor) -> torch.Tensor:
         query = X.to(self.mean_.dtype) - self.mean_

@@ -6,8 +6,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from selectorch._checks import check_finite_rows, check_int
-from selectorch.calibration import check_target
+from selectorch._checks import check_int
 from selectorch.scores.base import fail_closed
 
 
@@ -140,54 +139,23 @@ class PredictedClassMixin:
         scores = self.score(X, preds=classes)
         return {"score": scores, "selected": self.selected(scores, classes)}
 
-    @torch.no_grad()
-    def calibrate(
+    def _calibration_scores(
         self,
         X: torch.Tensor,
-        *,
-        coverage: float | None = None,
-        risk: float | None = None,
-        delta: float = 0.1,
-        correct: torch.Tensor | None = None,
-        losses: torch.Tensor | None = None,
-        preds: torch.Tensor | None = None,
-        per_class: bool = False,
-        num_classes: int | None = None,
-        bound: str = "clopper-pearson",
-        method: str = "sgr",
-    ) -> Any:
-        """Set the threshold from held-out data scored against their predicted classes.
+        preds: torch.Tensor | None,
+        per_class: bool,
+        num_classes: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+        """Held-out rows scored against their predicted classes (for ``calibrate``).
 
-        As :meth:`Score.calibrate <selectorch.scores.Score.calibrate>`, except that ``preds``
-        also chooses the class each row is scored against (:meth:`predicted_classes` if
-        ``None``, for scoring and for ``per_class``). With ``per_class``, ``num_classes``
+        ``preds`` chooses the class each row is scored against (:meth:`predicted_classes` if
+        ``None``, for scoring and for ``per_class``); with ``per_class``, ``num_classes``
         defaults to the number of fitted classes.
-
-        Returns:
-            ``self``.
         """
-        check_target(coverage, risk, delta, bound, method)
-        self._check_fitted()
-        X = self._check_input(X)
-        if X.shape[0] == 0:
-            raise ValueError("Expected argument `X` to hold calibration rows, got an empty tensor.")
-        check_finite_rows("X", X)
         classes = self._classes(X, preds)
         if per_class and num_classes is None:
             num_classes = max(self.num_classes, int(classes.max()) + 1)
-        return self.calibrate_scores(
-            self.score(X, preds=classes),
-            coverage=coverage,
-            risk=risk,
-            delta=delta,
-            correct=correct,
-            losses=losses,
-            preds=classes,
-            per_class=per_class,
-            num_classes=num_classes,
-            bound=bound,
-            method=method,
-        )
+        return self.score(X, preds=classes), classes, num_classes
 
 
 class ClassBanksMixin:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -170,23 +168,13 @@ class PyODScore(Score):
 
     # -- persistence --------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Refused: the fitted detector is a Python object, not tensors.
-
-        selectorch saves tensors only and never unpickles, so a PyOD detector cannot be part
-        of a save. Pickle ``score.detector`` yourself (if you trust where it is read back) and
-        build ``PyODScore(detector)`` from it, or refit; ``state_dict()`` keeps the threshold.
-
-        Raises:
-            selectorch.persistence.PersistenceError: Always.
-        """
-        from selectorch.persistence import PersistenceError
-
-        raise PersistenceError(f"Cannot save to '{os.fspath(path)}': {self.save_refusal}")
-
     @property
     def save_refusal(self) -> str:
-        """Why :meth:`save` (and ``SelectiveModel.save``) cannot hold this score."""
+        """Why :meth:`save` (and ``SelectiveModel.save``) cannot hold this score.
+
+        selectorch saves tensors only and never unpickles, so a PyOD detector cannot be part
+        of a save: :meth:`save` raises a ``PersistenceError`` with this text.
+        """
         return (
             f"the fitted state of PyODScore is the PyOD detector "
             f"({type(self.detector).__name__}), a Python object that selectorch's tensor-only "

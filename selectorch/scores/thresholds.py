@@ -139,8 +139,9 @@ class ThresholdMixin:
         if X.shape[0] == 0:
             raise ValueError("Expected argument `X` to hold calibration rows, got an empty tensor.")
         check_finite_rows("X", X)
+        scores, preds, num_classes = self._calibration_scores(X, preds, per_class, num_classes)
         return self.calibrate_scores(
-            self.score(X),
+            scores,
             coverage=coverage,
             risk=risk,
             delta=delta,
@@ -152,6 +153,17 @@ class ThresholdMixin:
             bound=bound,
             method=method,
         )
+
+    def _calibration_scores(
+        self,
+        X: torch.Tensor,
+        preds: torch.Tensor | None,
+        per_class: bool,
+        num_classes: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+        """The checked calibration rows' scores, and the ``preds`` and ``num_classes`` that
+        :meth:`calibrate` passes on (a score that scores rows against a class chooses them)."""
+        return self.score(X), preds, num_classes
 
     @torch.no_grad()
     def calibrate_scores(

@@ -9,7 +9,7 @@ import torch
 
 from selectorch._checks import check_int
 from selectorch.functional.classwise import class_banks
-from selectorch.functional.knn import DEFAULT_CHUNK_SIZE
+from selectorch.functional.knn import DEFAULT_CHUNK_SIZE, row_sq_norms
 from selectorch.functional.neighbours import class_nearest_search, density_filter, trust_score
 from selectorch.scores.base import Score
 from selectorch.scores.mahalanobis import check_labels
@@ -114,8 +114,9 @@ class TrustScore(ClassBanksMixin, PredictedClassMixin, Score):
         self.bank_ = class_banks(X - self.mean_, y, int(y.max()) + 1)
 
     def _refresh_derived(self) -> None:
-        bank = self.bank_.to(torch.promote_types(self.bank_.dtype, torch.float32))
-        self.bank_sq_norms_ = torch.where(torch.isfinite(bank[..., 0]), bank.pow(2).sum(dim=2), 0)
+        work = torch.promote_types(self.bank_.dtype, torch.float32)
+        norms = row_sq_norms(self.bank_.flatten(0, 1), work).view(self.bank_.shape[:2])
+        self.bank_sq_norms_ = torch.where(torch.isfinite(self.bank_[..., 0]), norms, 0)
 
     # -- scoring -------------------------------------------------------------------------------
 

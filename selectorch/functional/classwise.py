@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from selectorch._checks import check_choice, check_int
-from selectorch.functional.distances import METRICS, pairwise_distance
+from selectorch.functional.distances import METRICS, pairwise_distance, sorted_euclidean
 from selectorch.functional.knn import _work_dtype, knn_statistic, merge_topk
 
 #: Rows of a class bank searched per step: memory is one gathered ``(B, chunk, D)`` block.
@@ -171,9 +171,7 @@ def _search(
     assert best_d is not None and best_i is not None  # m_max >= 1: the loop ran
     if euclidean:
         # recompute the k chosen distances directly (exact) and re-sort them
-        diff = q.unsqueeze(1) - banks[cls[:, None], best_i].to(dtype)
-        best_d, order = diff.pow(2).sum(dim=-1).sqrt().sort(dim=1)
-        best_i = best_i.gather(1, order)
+        best_d, best_i = sorted_euclidean(q, banks[cls[:, None], best_i].to(dtype), best_i)
     best_d = torch.where(known[:, None], best_d, inf)
     return best_d, best_i
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -10,7 +12,18 @@ from selectorch._checks import check_choice
 METRICS = ("euclidean", "cosine")
 
 
-def prepare_bank(bank: torch.Tensor, metric: str) -> torch.Tensor:
+#: Values per step of the row-wise passes over a whole bank (the norms of
+#: :func:`~selectorch.functional.knn.row_sq_norms`, finiteness checks, bfloat16 rounding
+#: norms): their temporaries stay a few MiB, whatever the bank's size.
+ROW_PASS_ELEMENTS = 1 << 20
+
+
+def pass_rows(x: torch.Tensor) -> int:
+    """Rows of ``x`` per step of a row-wise pass (:data:`ROW_PASS_ELEMENTS` values)."""
+    return max(1, ROW_PASS_ELEMENTS // max(1, math.prod(x.shape[1:])))
+
+
+def prepare_bank(bank: torch.Tensor, metric: str, *, inplace: bool = False) -> torch.Tensor:
     """Return the form in which a reference bank is stored for ``metric``.
 
     Cosine banks are stored L2-normalised so that a query needs one matrix product.
@@ -18,11 +31,14 @@ def prepare_bank(bank: torch.Tensor, metric: str) -> torch.Tensor:
     Args:
         bank: Reference embeddings, shape ``(M, D)``.
         metric: ``"euclidean"`` or ``"cosine"``.
+        inplace: Normalise ``bank`` itself (no second bank in memory).
 
     Returns:
         Tensor of shape ``(M, D)``.
     """
-    return F.normalize(bank, dim=1) if metric == "cosine" else bank
+    if metric != "cosine":
+        return bank
+    return F.normalize(bank, dim=1, out=bank if inplace else None)
 
 
 def pairwise_distance(
@@ -91,3 +107,28 @@ def chunk_sq_norms(
     if low:
         return part.pow(2).sum(dim=1)
     return bank_sq_norms[start : start + part.shape[0]].to(dtype)
+
+
+def sorted_euclidean(
+    query: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact Euclidean distances of each query to its chosen rows, sorted increasing.
+
+    The last step of every exact search: candidates chosen from expanded products get their
+    distances recomputed directly, so the result does not depend on how they were found.
+
+    Args:
+        query: ``(B, D)`` queries.
+        rows: ``(B, k, D)`` each query's chosen rows.
+        indices: ``(B, k)`` their indices, in the same order.
+
+    Returns:
+        ``(distances, indices)``, both ``(B, k)``, sorted by increasing distance.
+
+    Example:
+        >>> rows = torch.tensor([[[3.0, 4.0], [1.0, 0.0]]])
+        >>> sorted_euclidean(torch.zeros(1, 2), rows, torch.tensor([[7, 9]]))[1].tolist()
+        [[9, 7]]
+    """
+    distances, order = (query.unsqueeze(1) - rows).pow(2).sum(dim=-1).sqrt().sort(dim=1)
+    return distances, indices.gather(1, order)

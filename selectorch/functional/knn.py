@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from selectorch._checks import check_choice, check_int
@@ -11,7 +9,9 @@ from selectorch.functional.distances import (
     METRICS,
     chunk_sq_norms,
     pairwise_distance,
+    pass_rows,
     prepare_bank,
+    sorted_euclidean,
 )
 from selectorch.functional.knn_cpu import search_cpu as _search_cpu
 from selectorch.functional.topk import merge_topk
@@ -125,7 +125,7 @@ def _use_cpu_blocked(
     if norms_usable:
         return bool(torch.isfinite(bank_sq_norms).all())
     # step by step: torch.isfinite of a whole bank allocates more than the bank again
-    step = _pass_rows(bank)
+    step = pass_rows(bank)
     return all(
         bool(torch.isfinite(bank[start : start + step]).all())
         for start in range(0, bank.shape[0], step)
@@ -160,20 +160,8 @@ def _search(
         best_d, best_i = merge_topk(best_d, best_i, d, i + start, k)
     if squared:
         # recompute the k chosen distances directly (exact) and re-sort them
-        diff = query.unsqueeze(1) - bank[best_i].to(dtype)
-        best_d, order = diff.pow(2).sum(dim=-1).sqrt().sort(dim=1)
-        best_i = best_i.gather(1, order)
+        best_d, best_i = sorted_euclidean(query, bank[best_i].to(dtype), best_i)
     return best_d, best_i
-
-
-#: Values per step of the row-wise passes over a whole bank (:func:`row_sq_norms`): their
-#: temporaries stay a few MiB, whatever the bank's size.
-ROW_PASS_ELEMENTS = 1 << 20
-
-
-def _pass_rows(x: torch.Tensor) -> int:
-    """Rows of ``x`` per step of a row-wise pass (:data:`ROW_PASS_ELEMENTS` values)."""
-    return max(1, ROW_PASS_ELEMENTS // max(1, math.prod(x.shape[1:])))
 
 
 def row_sq_norms(
@@ -187,7 +175,8 @@ def row_sq_norms(
     Args:
         x: ``(M, D)`` rows.
         dtype: Dtype of the computation and of the result; ``x``'s own when ``None``.
-        rows: Rows per step; ``None`` keeps each step near :data:`ROW_PASS_ELEMENTS` values.
+        rows: Rows per step; ``None`` keeps each step near
+            :data:`~selectorch.functional.distances.ROW_PASS_ELEMENTS` values.
 
     Returns:
         Tensor of shape ``(M,)``.
@@ -197,7 +186,7 @@ def row_sq_norms(
         [25.0, 1.0]
     """
     dtype = x.dtype if dtype is None else dtype
-    rows = _pass_rows(x) if rows is None else rows
+    rows = pass_rows(x) if rows is None else rows
     out = torch.empty(x.shape[0], dtype=dtype, device=x.device)
     for start in range(0, x.shape[0], rows):
         out[start : start + rows] = x[start : start + rows].to(dtype).pow(2).sum(dim=1)

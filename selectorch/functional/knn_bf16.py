@@ -43,7 +43,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from selectorch.functional.distances import chunk_sq_norms, prepare_bank
+from selectorch.functional.distances import (
+    chunk_sq_norms,
+    pass_rows,
+    prepare_bank,
+    sorted_euclidean,
+)
 
 #: Relative bound on the rounding of a bfloat16 output (round-to-nearest gives ``2**-8``).
 OUTPUT_ROUNDING = 2.0**-7
@@ -122,7 +127,7 @@ def _rounding_norms(x: torch.Tensor, x16: torch.Tensor) -> tuple[torch.Tensor, t
     Returns:
         ``(|x~|, |x - x~|)``, both ``(N,)``.
     """
-    step = max(1, (1 << 20) // max(1, x.shape[1]))
+    step = pass_rows(x)
     rounded = torch.empty(x.shape[0], dtype=torch.float32)
     error = torch.empty(x.shape[0], dtype=torch.float32)
     for s in range(0, x.shape[0], step):
@@ -335,9 +340,7 @@ def certified_bf16_search(
         chosen = cand.gather(1, pos)
         if squared:  # the k chosen distances recomputed directly, re-sorted
             picked = rows_b.gather(1, pos.unsqueeze(2).expand(-1, -1, dim))
-            exact = (q.unsqueeze(1) - picked).pow(2).sum(dim=-1).sqrt()
-            distances[block], order = exact.sort(dim=1)
-            indices[block] = chosen.gather(1, order)
+            distances[block], indices[block] = sorted_euclidean(q, picked, chosen)
         else:  # 1 + (-q.b): the float32 search's cosine distance
             distances[block], indices[block] = key.add_(1.0), chosen
     return distances, indices, decided

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from selectorch.functional.distances import chunk_sq_norms, prepare_bank
+from selectorch.functional.distances import chunk_sq_norms, prepare_bank, sorted_euclidean
 from selectorch.functional.knn_bf16 import BankChunks, certified_bf16_search
 from selectorch.functional.topk import chunk_topk, merge_topk
 
@@ -190,7 +190,8 @@ def _search_float(
         return best_d.add_(1.0), best_i
     for first in range(0, n_query, rows):  # exact distances of the k chosen rows, re-sorted
         block = slice(first, first + rows)
-        diff = query[block].unsqueeze(1) - bank[best_i[block]].to(dtype)
-        best_d[block], order = diff.pow(2).sum(dim=-1).sqrt().sort(dim=1)
-        best_i[block] = best_i[block].gather(1, order)
+        chosen = best_i[block]
+        best_d[block], best_i[block] = sorted_euclidean(
+            query[block], bank[chosen].to(dtype), chosen
+        )
     return best_d, best_i

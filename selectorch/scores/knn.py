@@ -47,8 +47,6 @@ from selectorch.search.triton_knn import fused_knn_search, use_fused
 KNN_METRICS = (*METRICS, "mahalanobis")
 #: Search backends: exact chunked search on the bank's device, or hnswlib's graph on the CPU.
 BACKENDS = ("exact", "hnsw")
-#: ``eps`` of :func:`torch.nn.functional.normalize`, which :func:`prepare_bank` uses.
-NORMALIZE_EPS = 1e-12
 #: Options of the search alone: a state saved with one value loads into a score with another.
 SEARCH_OPTIONS = ("backend", "M", "ef_construction", "ef", "num_threads", "save_index")
 
@@ -249,10 +247,8 @@ class KNNScore(Score):
         elif self.metric == "euclidean":
             self._set_buffer("mean_", X.mean(dim=0))
             self.bank_ = X.sub_(self.mean_) if overwrite else X - self.mean_
-        elif overwrite:  # cosine: as prepare_bank, F.normalize's eps included
-            self.bank_ = X.div_(X.norm(dim=1, keepdim=True).clamp_min(NORMALIZE_EPS))
         else:
-            self.bank_ = prepare_bank(X, self.metric)
+            self.bank_ = prepare_bank(X, self.metric, inplace=overwrite)
 
     def _refresh_derived(self) -> None:
         self._shard_offset, self._bank_rows = 0, self.bank_.shape[0]

@@ -30,8 +30,9 @@ second sample).
 kernel (:mod:`._gluon_kernels`) leaves per (query, split), into the same dense output; with
 ``REDO`` the candidates kernel runs only the (query tile, split) programs flagged there.
 
-Kernel 2, ``knn_gather_distances``: exact fp32 distances of the chosen neighbours, recomputed
-from the stored rows (``sqrt(sum((q - b)^2))``, or ``1 - q.b`` for cosine).
+Kernel 2, ``knn_finish``: exact fp32 distances of the chosen neighbours, recomputed from the
+stored rows (``sqrt(sum((q - b)^2))``, or ``1 - q.b`` for cosine), sorted, the ``k`` smallest
+kept (one kernel for the gather, the re-rank and the output casts).
 
 Kernel 3, ``knn_select`` / ``knn_threshold``: per row of a small ``(B, N)`` score matrix, the
 ``K``-th smallest score by a bitwise search on the integer keys (no sort; rows of up to
@@ -322,31 +323,48 @@ def merge_halves(buf_val: torch.Tensor, buf_idx: torch.Tensor, counts: torch.Ten
 
 
 @triton.jit
-def _gather_distances_kernel(
-    q_ptr, b_ptr, idx_ptr, out_ptr, n_sel, stride_q, stride_b,
-    D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, COSINE: tl.constexpr,
+def _finish_kernel(
+    q_ptr, b_ptr, idx_ptr, dist_ptr, out_idx_ptr, n_sel, k, stride_q, stride_b,
+    D: tl.constexpr, S: tl.constexpr, BLOCK_D: tl.constexpr, COSINE: tl.constexpr,
 ):
+    """One query row: exact fp32 distances to its ``n_sel`` chosen rows, the ``k`` smallest.
+
+    ``sqrt(sum((q - b)^2))`` (or ``1 - q.b`` for cosine) from the stored rows, then one sort
+    of ``S`` (``n_sel`` padded to a power of two) keys packing the distance's order-preserving
+    integer key above its position (ties by position, NaN last), so the sorted distances and
+    their bank rows come out in one pass.
+    """
     row = tl.program_id(0)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = offs_k < n_sel
-    idx = tl.load(idx_ptr + row * n_sel + offs_k, mask=k_ok, other=0).to(tl.int64)
-    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    offs = tl.arange(0, S)
+    ok = offs < n_sel
+    idx = tl.load(idx_ptr + row * n_sel + offs, mask=ok, other=0).to(tl.int64)
+    acc = tl.zeros([S], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
-        q = tl.load(q_ptr + row.to(tl.int64) * stride_q + offs_d, mask=d_ok, other=0.0)
+        q = tl.load(q_ptr + row.to(tl.int64) * stride_q + offs_d, mask=d_ok,
+                    other=0.0).to(tl.float32)
         b = tl.load(b_ptr + idx[:, None] * stride_b + offs_d[None, :],
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                    mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         if COSINE:
             acc += tl.sum(b * q[None, :], axis=1)
         else:
             diff = q[None, :] - b
             acc += tl.sum(diff * diff, axis=1)
     if COSINE:
-        out = 1.0 - acc
+        dist = 1.0 - acc
     else:
-        out = tl.sqrt(acc)
-    tl.store(out_ptr + row * n_sel + offs_k, out, mask=k_ok)
+        dist = tl.sqrt(acc)
+    key = _ordered_key(tl.where(dist == dist, dist, float("nan")))  # NaN: one positive key
+    last = tl.full([S], -1, dtype=tl.int32).to(tl.uint32, bitcast=True)
+    key = tl.where(ok, key, last)  # padding after everything, NaN included
+    packed = tl.sort((key.to(tl.uint64) << 32) | offs.to(tl.uint64))
+    pos = (packed & 0xFFFFFFFF).to(tl.int32)
+    out = _key_to_float((packed >> 32).to(tl.uint32))
+    first = offs < k
+    tl.store(dist_ptr + row * k + offs, out.to(dist_ptr.dtype.element_ty), mask=first)
+    chosen = tl.load(idx_ptr + row * n_sel + pos, mask=first, other=0)
+    tl.store(out_idx_ptr + row * k + offs, chosen.to(tl.int64), mask=first)
 
 
 @triton.jit
@@ -672,22 +690,28 @@ def _knn_candidates_fake(query, bank, bias, tau, scale, has_bias, keep, block_q,
             query.new_empty(shape, dtype=torch.int32))
 
 
-@triton_op("selectorch::knn_gather_distances", mutates_args=())
-def knn_gather_distances(
-    query: torch.Tensor, bank: torch.Tensor, indices: torch.Tensor, cosine: bool
-) -> torch.Tensor:
-    """Exact fp32 distances between ``query`` (B, D) fp32 and ``bank[indices]`` (B, k)."""
+@triton_op("selectorch::knn_finish", mutates_args=())
+def knn_finish(
+    query: torch.Tensor, bank: torch.Tensor, indices: torch.Tensor, k: int, cosine: bool,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest of each query's chosen rows, by exact fp32 distance, sorted.
+
+    ``query`` ``(B, D)`` (any float dtype, read as fp32), ``bank`` ``(M, D)``, ``indices``
+    ``(B, n_sel)`` int32 bank rows with ``k <= n_sel <= 128``. Returns the distances ``(B,
+    k)`` in ``out_dtype``, ascending, and their bank rows ``(B, k)`` int64.
+    """
     n_query, n_sel = indices.shape
     dim = query.shape[1]
-    out = torch.empty((n_query, n_sel), dtype=torch.float32, device=query.device)
-    block_k = 16
-    block_d = min(256, triton.next_power_of_2(dim))
-    grid = (n_query, triton.cdiv(n_sel, block_k))
-    wrap_triton(_gather_distances_kernel)[grid](
-        query, bank, indices, out, n_sel, query.stride(0), bank.stride(0),
-        D=dim, BLOCK_K=block_k, BLOCK_D=block_d, COSINE=cosine, num_warps=4,
+    dist = torch.empty((n_query, k), dtype=out_dtype, device=query.device)
+    rows = torch.empty((n_query, k), dtype=torch.int64, device=query.device)
+    slots = max(16, triton.next_power_of_2(n_sel))
+    block_d = min(max(16, 8192 // slots), triton.next_power_of_2(dim))
+    wrap_triton(_finish_kernel)[(n_query,)](
+        query, bank, indices, dist, rows, n_sel, k, query.stride(0), bank.stride(0),
+        D=dim, S=slots, BLOCK_D=block_d, COSINE=cosine, num_warps=8,
     )
-    return out
+    return dist, rows
 
 
 def _select_launch(values: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor,

@@ -69,7 +69,7 @@ def _is_hopper(index: int) -> bool:
     return torch.cuda.get_device_capability(index) == (9, 0)
 
 
-def _use_ws(query_k: torch.Tensor, bank: torch.Tensor, cfg: dict[str, Any]) -> bool:
+def _use_ws(bank: torch.Tensor, cfg: dict[str, Any]) -> bool:
     """Whether the candidates pass runs the warp-specialised Gluon kernel (else the Triton one).
 
     Half banks with 128-query tiles (``B > 64``) and ``D`` a multiple of 64, on a Hopper GPU,
@@ -103,7 +103,7 @@ def _candidates(query_k: torch.Tensor, bank: torch.Tensor, bias: torch.Tensor,
     args = (query_k, bank, bias, tau, scale, has_bias, n_sel, cfg["block_q"], cfg["block_n"],
             cfg["block_d"], cfg["num_warps"], stages, splits, precision, cfg["chunk_tiles"],
             cfg["rounds"], cfg["maxnreg"], sample_step, tma, cfg["epilogue"])
-    if (cfg["refine_ws"] or not refine) and _use_ws(query_k, bank, cfg):
+    if (cfg["refine_ws"] or not refine) and _use_ws(bank, cfg):
         return _gluon().knn_candidates_ws(*args, cfg["ws_stages"], cfg["ws_regs"])
     return _kernels().knn_candidates(*args)
 
@@ -171,7 +171,7 @@ def _default_config(n_query: int, dim: int, dtype: torch.dtype) -> dict[str, Any
     cfg: dict[str, Any] = dict(block_d=block_d, splits_per_sm=2, chunk_tiles=4, rounds=2,
                                maxnreg=0, sample=True, sample_step=128, refine_step=0,
                                refine_splits_per_sm=1, refine_stages=0, refine_tma=True, tma=True,
-                               epilogue=1, ws=True, refine_ws=False, ws_stages=6, ws_regs=224)
+                               epilogue=1, ws=True, refine_ws=False, ws_stages=6, ws_regs=240)
     if n_query <= 16:
         return dict(cfg, block_q=16, block_n=128, num_warps=4, num_stages=4)
     if n_query <= 32:
@@ -213,6 +213,17 @@ def _bound(kth: torch.Tensor, query_k: torch.Tensor, bias: torch.Tensor | None, 
     return torch.where(torch.isfinite(tau), tau, float("inf"))
 
 
+def _sample_product(query_k: torch.Tensor, bank: torch.Tensor, step: int) -> torch.Tensor:
+    """``q.b`` (B, rows) in fp32 for every ``step``-th bank row, through torch's product.
+
+    Half inputs give an fp32 output: the same exact products and fp32 sums as the kernel.
+    """
+    sample = bank[::step]
+    if query_k.dtype == torch.float32:
+        return query_k @ sample.T
+    return torch.mm(query_k, sample.T, out_dtype=torch.float32)
+
+
 def _sample_threshold(
     query_k: torch.Tensor,
     bank: torch.Tensor,
@@ -224,19 +235,13 @@ def _sample_threshold(
 ) -> torch.Tensor:
     """Per-query upper bound on the ``n_sel``-th smallest score, from every ``step``-th bank row.
 
-    The sample's rows are bank rows, so its ``n_sel``-th smallest score bounds the bank's; the
-    margin covers the rounding of this product against the kernel's (``rel_error`` of
-    ``|scale| |q| max|b|``). Only a starting threshold: the kernel tightens it as it goes, and
-    a bound that is too high costs time, never correctness. About ``n_sel * step`` scores per
-    query pass it.
+    With torch's ``topk`` and element-wise ops (few queries; :func:`_threshold` uses the
+    selection kernel otherwise). The sample's rows are bank rows, so its ``n_sel``-th smallest
+    score bounds the bank's; the margin covers the rounding of this product against the
+    kernel's (``rel_error`` of ``|scale| |q| max|b|``). Only a starting threshold: a bound that
+    is too high costs time, never correctness. About ``n_sel * step`` scores per query pass it.
     """
-    if step < 4:
-        return torch.full((query_k.shape[0],), float("inf"), device=bank.device)
-    sample = bank[::step]
-    if query_k.dtype == torch.float32:
-        score = scale * (query_k @ sample.T)
-    else:  # half inputs, fp32 output: the same exact products and fp32 sums as the kernel
-        score = scale * torch.mm(query_k, sample.T, out_dtype=torch.float32)
+    score = scale * _sample_product(query_k, bank, step)
     if bias is not None:
         score = score + bias[::step]
     kth = score.topk(n_sel, dim=1, largest=False, sorted=False).values.amax(dim=1)
@@ -302,11 +307,7 @@ def _threshold(
     if small:
         tau = _sample_threshold(query_k, bank, bias_or_none, scale, n_sel, step, rel_error)
     else:
-        sample = bank[::step]
-        if query_k.dtype == torch.float32:
-            prod = query_k @ sample.T
-        else:  # half inputs, fp32 output: the same exact products and fp32 sums as the kernel
-            prod = torch.mm(query_k, sample.T, out_dtype=torch.float32)
+        prod = _sample_product(query_k, bank, step)
         # cosine: no bias, b_max = 1 (unused tensors below are placeholders, never read)
         bias_max = prod if cosine else bias.max()
         sample_bias = prod if cosine else bias[::step]
@@ -398,10 +399,14 @@ def _fused_search(
         query_f = F.normalize(query.float(), dim=1)
         bias, scale = query_f, -1.0  # bias unused
     else:
-        query_f = query.float().contiguous()
+        # the exact distances read the query in fp32 from its own dtype (exact for fp16, bf16
+        # and fp32); fp64 is rounded to fp32 first, as the plain path does
+        query_f = (query if query.dtype != torch.float64 else query.float()).contiguous()
         if bank_sq_norms is None:
             bank_sq_norms = torch.linalg.vector_norm(bank, dim=1, dtype=torch.float32).square()
         bias, scale = bank_sq_norms.to(torch.float32).contiguous(), -2.0
+    # (a no-op when the query already has the bank's dtype; fp16/bf16/fp32 convert directly
+    # with one rounding, as through fp32)
     query_k = query_f.to(bank.dtype).contiguous()
     n_sel = _n_selected(k, n_bank)
     cfg = _default_config(n_query, dim, bank.dtype)
@@ -417,6 +422,4 @@ def _fused_search(
     else:
         pos = values.topk(n_sel, dim=1, largest=False, sorted=False).indices
         chosen = cand.gather(1, pos)
-    dist = ops.knn_gather_distances(query_f, bank, chosen, cosine)
-    dist, order = dist.topk(k, dim=1, largest=False, sorted=True)
-    return dist.to(out_dtype), chosen.gather(1, order).long()
+    return ops.knn_finish(query_f, bank, chosen, k, cosine, out_dtype)

@@ -239,6 +239,36 @@ def test_selection_kernels_equal_topk(monkeypatch, resident_max):
 
 
 @gpu
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_finish_kernel_ranks_exact_distances_with_ties_by_position_and_nan_last(cosine, out_dtype):
+    from selectorch.search.triton_knn import _kernels
+
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(3000, 96, generator=g).to(device="cuda", dtype=torch.bfloat16)
+    query = torch.randn(40, 96, generator=g).to(device="cuda", dtype=torch.bfloat16)
+    chosen = torch.stack([torch.randperm(3000, generator=g)[:62] for _ in range(40)]).int().cuda()
+    chosen[5, 20] = chosen[5, 3]  # the same row twice: equal distances, the first position wins
+    bank[chosen[9, 0]] = float("nan")  # a NaN distance ranks after every number
+    dist, rows = _kernels().knn_finish(query, bank, chosen, 50, cosine, out_dtype)
+    rows_of = bank[chosen.long()].float()
+    if cosine:
+        ref = 1 - (rows_of * query.float()[:, None]).sum(-1)
+    else:
+        ref = (query.float()[:, None] - rows_of).pow(2).sum(-1).sqrt()
+    ref = ref.nan_to_num(nan=float("inf"))
+    # a stable sort: ties keep their positions
+    order = torch.sort(ref, dim=1, stable=True).indices[:, :50]
+    assert dist.shape == rows.shape == (40, 50)
+    assert dist.dtype == out_dtype and rows.dtype == torch.int64
+    assert torch.equal(rows, chosen.long().gather(1, order))
+    tol = 1e-5 if out_dtype == torch.float32 else 1e-3  # one fp16 rounding apart at most
+    torch.testing.assert_close(dist.float(), ref.gather(1, order).float(), rtol=tol, atol=tol)
+    nan_row, _ = _kernels().knn_finish(query, bank, chosen, 62, cosine, out_dtype)
+    assert torch.isnan(nan_row[9, -1]) and torch.isfinite(nan_row[9, :-1]).all()
+
+
+@gpu
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_refined_sample_threshold_keeps_the_exact_neighbours(metric, dtype):

@@ -216,12 +216,14 @@ def _bound(kth: torch.Tensor, query_k: torch.Tensor, bias: torch.Tensor | None, 
 def _sample_product(query_k: torch.Tensor, bank: torch.Tensor, step: int) -> torch.Tensor:
     """``q.b`` (B, rows) in fp32 for every ``step``-th bank row, through torch's product.
 
-    Half inputs give an fp32 output: the same exact products and fp32 sums as the kernel.
+    Half inputs give an fp32 output: the same exact products and fp32 sums as the kernel. (As
+    ``(sample @ q.T).T``: for this layout cuBLAS picks Hopper kernels, 9-24 us on an H100 for
+    256 queries x 1,251-10,009 rows x 2048 where ``q @ sample.T`` took 15-85 us.)
     """
     sample = bank[::step]
     if query_k.dtype == torch.float32:
         return query_k @ sample.T
-    return torch.mm(query_k, sample.T, out_dtype=torch.float32)
+    return torch.mm(sample, query_k.T, out_dtype=torch.float32).T
 
 
 def _sample_threshold(

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from selectorch import functional as F
-from selectorch.functional.distances import prepare_bank
+from selectorch.functional.distances import normalize_rows, prepare_bank
 
 knn_module = importlib.import_module("selectorch.functional.knn")
 
@@ -220,6 +220,22 @@ def test_prepare_bank_normalises_rows_only_for_cosine():
     bank = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
     torch.testing.assert_close(prepare_bank(bank, "cosine"), torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
     assert torch.equal(prepare_bank(bank, "euclidean"), bank)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_a_zero_row_normalises_to_zero_in_every_dtype(dtype):
+    # F.normalize's floor 1e-12 underflows in float16: a zero row used to become NaN there
+    bank = torch.tensor([[0.0, 0.0], [3.0, 4.0]], dtype=dtype)
+    expected = torch.tensor([[0.0, 0.0], [0.6, 0.8]], dtype=dtype)
+    torch.testing.assert_close(prepare_bank(bank, "cosine"), expected)
+    torch.testing.assert_close(normalize_rows(bank), expected)
+    inplace = bank.clone()
+    assert prepare_bank(inplace, "cosine", inplace=True) is inplace
+    torch.testing.assert_close(inplace, expected)
+    # cosine distance of a zero query row: 1 (no similarity), finite
+    dist = F.pairwise_distance(bank, bank, "cosine")
+    torch.testing.assert_close(dist.float(), torch.tensor([[1.0, 1.0], [1.0, 0.0]]),
+                               atol=2e-3, rtol=0)
 
 
 # -- knn_statistic / knn_score -----------------------------------------------------------------

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from selectorch._checks import check_choice, check_int
-from selectorch.functional.distances import METRICS, pairwise_distance, sorted_euclidean
+from selectorch.functional.distances import (
+    METRICS,
+    normalize_rows,
+    pairwise_distance,
+    sorted_euclidean,
+)
 from selectorch.functional.knn import _work_dtype, knn_statistic, merge_topk
 
 #: Rows of a class bank searched per step: memory is one gathered ``(B, chunk, D)`` block.
@@ -143,7 +147,7 @@ def _search(
     known = (classes >= 0) & (classes < n_classes)
     cls = classes.long().clamp(0, n_classes - 1)
     euclidean = metric == "euclidean"
-    q = query if euclidean else F.normalize(query, dim=1)
+    q = query if euclidean else normalize_rows(query)
     q_sq = q.pow(2).sum(dim=1, keepdim=True)
     inf = float("inf")
     chunk = min(m_max, max(k, chunk_size))
@@ -154,7 +158,7 @@ def _search(
         block = banks[cls, start:stop].to(dtype)  # (B, c, D): the queries' own class rows
         valid = torch.isfinite(block[..., 0])  # padding rows are +inf
         if not euclidean and not bank_normalized:
-            block = F.normalize(block, dim=2)
+            block = normalize_rows(block)
         dot = torch.bmm(block, q.unsqueeze(2)).squeeze(2)  # (B, c)
         if euclidean:
             norms = (

@@ -23,6 +23,25 @@ def pass_rows(x: torch.Tensor) -> int:
     return max(1, ROW_PASS_ELEMENTS // max(1, math.prod(x.shape[1:])))
 
 
+def normalize_rows(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.normalize`` along the last dimension, with a floor the dtype can hold.
+
+    ``F.normalize``'s default floor ``1e-12`` underflows to zero in float16, so an all-zero
+    row became ``0 / 0 = NaN`` there (a zero vector in every other dtype). The floor here is
+    the larger of ``1e-12`` and the dtype's smallest normal number: the same result in
+    float32, bfloat16 and float64, and a zero row stays zero in float16.
+
+    Args:
+        x: Rows to normalise, shape ``(..., D)``.
+        out: Optional output tensor (``x`` itself to normalise in place).
+
+    Returns:
+        Tensor of ``x``'s shape and dtype with unit-norm (or zero) rows.
+    """
+    eps = max(1e-12, torch.finfo(x.dtype).tiny)
+    return F.normalize(x, dim=-1, eps=eps, out=out)
+
+
 def prepare_bank(bank: torch.Tensor, metric: str, *, inplace: bool = False) -> torch.Tensor:
     """Return the form in which a reference bank is stored for ``metric``.
 
@@ -38,7 +57,7 @@ def prepare_bank(bank: torch.Tensor, metric: str, *, inplace: bool = False) -> t
     """
     if metric != "cosine":
         return bank
-    return F.normalize(bank, dim=1, out=bank if inplace else None)
+    return normalize_rows(bank, out=bank if inplace else None)
 
 
 def pairwise_distance(
@@ -74,8 +93,8 @@ def pairwise_distance(
     """
     check_choice("metric", metric, METRICS)
     if metric == "cosine":
-        bank = bank if bank_normalized else F.normalize(bank, dim=1)
-        return 1.0 - F.normalize(query, dim=1) @ bank.T
+        bank = bank if bank_normalized else normalize_rows(bank)
+        return 1.0 - normalize_rows(query) @ bank.T
     if bank_sq_norms is None:
         bank_sq_norms = bank.pow(2).sum(dim=1)
     sq = (query.pow(2).sum(dim=1, keepdim=True) + bank_sq_norms) - 2.0 * (query @ bank.T)

@@ -6,9 +6,13 @@ import functools
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
-from selectorch.functional.distances import chunk_sq_norms, prepare_bank, sorted_euclidean
+from selectorch.functional.distances import (
+    chunk_sq_norms,
+    normalize_rows,
+    prepare_bank,
+    sorted_euclidean,
+)
 from selectorch.functional.knn_bf16 import BankChunks, certified_bf16_search
 from selectorch.functional.topk import chunk_topk, merge_topk
 
@@ -101,7 +105,7 @@ def search_cpu(
     least ``k`` rows.
     """
     if metric != "euclidean":
-        query = F.normalize(query, dim=1)
+        query = normalize_rows(query)
     args = (k, metric, bank_sq_norms, chunk_size, bank_normalized, dtype)
     linear = bf16_linear() if dtype == torch.float32 else None
     if linear is None or query.shape[0] < BF16_MIN_QUERIES:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from selectorch._checks import check_choice, check_int
 from selectorch.functional.classwise import (
@@ -12,7 +11,7 @@ from selectorch.functional.classwise import (
     classwise_knn_score,
     nearest_class,
 )
-from selectorch.functional.distances import METRICS
+from selectorch.functional.distances import METRICS, normalize_rows
 from selectorch.functional.knn import STATS
 from selectorch.functional.outliers import check_outlier_q, inlier_rows, leave_one_out_knn_score
 from selectorch.scores.base import Score
@@ -140,7 +139,7 @@ class ClassWiseKNNScore(ClassBanksMixin, PredictedClassMixin, Score):
         if self.metric == "euclidean":
             rows = X - means[y]
         else:
-            rows = F.normalize(X, dim=1)
+            rows = normalize_rows(X)
         self._set_buffer("means_", means)
         self.bank_ = class_banks(rows, y, n_classes)
 

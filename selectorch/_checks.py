@@ -5,7 +5,6 @@ Every check raises an error that names the argument, what was expected and what 
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Iterable
 from typing import Any
@@ -89,10 +88,12 @@ def check_finite_rows(name: str, value: torch.Tensor) -> torch.Tensor:
     whatever its size (a whole-tensor check would build masks of the bank's size); the count is
     read once at the end, and the first bad rows are searched for only when there are some.
     """
-    from selectorch.functional.finite import finite_rows  # functional imports this module
+    # functional imports this module: import its helpers here
+    from selectorch.functional.distances import pass_rows
+    from selectorch.functional.finite import finite_rows
 
     rows = value.shape[0]
-    step = max(1, 2**20 // max(1, math.prod(value.shape[1:])))
+    step = pass_rows(value)
     blocks = [value[start : start + step] for start in range(0, rows, step)]
     n_bad = int(sum((~finite_rows(block)).sum() for block in blocks))  # one read, at the end
     if n_bad:

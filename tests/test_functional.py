@@ -16,7 +16,12 @@ import pytest
 import torch
 
 from selectorch import functional as F
-from selectorch.functional.distances import normalize_rows, prepare_bank
+from selectorch.functional.distances import (
+    chunk_sq_norms,
+    normalize_rows,
+    prepare_bank,
+    stored_norms_usable,
+)
 
 knn_module = importlib.import_module("selectorch.functional.knn")
 
@@ -220,6 +225,18 @@ def test_prepare_bank_normalises_rows_only_for_cosine():
     bank = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
     torch.testing.assert_close(prepare_bank(bank, "cosine"), torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
     assert torch.equal(prepare_bank(bank, "euclidean"), bank)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_stored_norms_are_used_only_in_single_or_double_precision(dtype):
+    # one rule for every search: half-precision norms are recomputed from the rows
+    rows = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    stored = torch.tensor([7.0, 9.0], dtype=dtype)  # deliberately wrong: shows which is used
+    full = dtype in (torch.float32, torch.float64)
+    assert stored_norms_usable(stored) is full
+    assert stored_norms_usable(None) is False
+    expected = [7.0, 9.0] if full else [25.0, 1.0]
+    assert chunk_sq_norms(rows, stored, 0, torch.float32).tolist() == expected
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])

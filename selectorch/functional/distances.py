@@ -102,6 +102,15 @@ def pairwise_distance(
     return sq if squared else sq.sqrt()
 
 
+def stored_norms_usable(bank_sq_norms: torch.Tensor | None) -> bool:
+    """Whether stored squared row norms can stand in for recomputed ones.
+
+    Only float32 or float64 norms are used: half-precision norms lose too much (or overflow),
+    so the searches recompute those from the rows.
+    """
+    return bank_sq_norms is not None and bank_sq_norms.dtype in (torch.float32, torch.float64)
+
+
 def chunk_sq_norms(
     part: torch.Tensor, bank_sq_norms: torch.Tensor | None, start: int, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -122,8 +131,7 @@ def chunk_sq_norms(
         >>> chunk_sq_norms(torch.tensor([[3.0, 4.0]]), None, 0, torch.float32).tolist()
         [25.0]
     """
-    low = bank_sq_norms is None or bank_sq_norms.dtype in (torch.float16, torch.bfloat16)
-    if low:
+    if not stored_norms_usable(bank_sq_norms):
         return part.pow(2).sum(dim=1)
     return bank_sq_norms[start : start + part.shape[0]].to(dtype)
 

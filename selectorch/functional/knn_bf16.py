@@ -48,6 +48,7 @@ from selectorch.functional.distances import (
     pass_rows,
     prepare_bank,
     sorted_euclidean,
+    stored_norms_usable,
 )
 
 #: Relative bound on the rounding of a bfloat16 output (round-to-nearest gives ``2**-8``).
@@ -321,7 +322,7 @@ def certified_bf16_search(
     indices = torch.zeros(n_query, k, dtype=torch.int64)
     width = min(keep, max(k, int(count.max()) if n_query else k))
     step = max(1, (1 << 22) // (width * max(1, dim)))
-    stored = bank_sq_norms is not None and bank_sq_norms.dtype in (torch.float32, torch.float64)
+    stored = stored_norms_usable(bank_sq_norms)
     for first in range(0, n_query, step):
         block = slice(first, first + step)
         q = query[block]

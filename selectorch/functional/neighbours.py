@@ -11,6 +11,7 @@ import math
 import torch
 
 from selectorch._checks import check_int
+from selectorch.functional.distances import stored_norms_usable
 from selectorch.functional.knn import DEFAULT_CHUNK_SIZE, _work_dtype, knn_search
 from selectorch.functional.outliers import inlier_rows, leave_one_out_knn_score
 
@@ -152,8 +153,7 @@ def class_nearest_search(
         step = max(1, chunk_size // n_classes)
         best = torch.full((q.shape[0], n_classes), math.inf, dtype=dtype, device=q.device)
         position = torch.zeros(q.shape[0], n_classes, dtype=torch.long, device=q.device)
-        # stored norms in half precision lose too much (or overflow): recompute them
-        recompute = bank_sq_norms is None or bank_sq_norms.dtype in (torch.float16, torch.bfloat16)
+        recompute = not stored_norms_usable(bank_sq_norms)
         for start in range(0, m_max, step):
             stop = min(start + step, m_max)
             block = banks[:, start:stop].to(dtype)  # (C, c, D)

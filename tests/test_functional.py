@@ -249,6 +249,10 @@ def test_a_zero_row_normalises_to_zero_in_every_dtype(dtype):
     inplace = bank.clone()
     assert prepare_bank(inplace, "cosine", inplace=True) is inplace
     torch.testing.assert_close(inplace, expected)
+    if dtype == torch.float16:  # rows with subnormal norms still get unit norm
+        tiny = torch.tensor([[2.0**-24, 0.0], [2.0**-20, 2.0**-20]], dtype=dtype)
+        torch.testing.assert_close(normalize_rows(tiny)[0], torch.tensor([1.0, 0.0], dtype=dtype))
+        assert abs(normalize_rows(tiny)[1].float().norm().item() - 1) < 0.05  # subnormal norm
     # cosine distance of a zero query row: 1 (no similarity), finite
     dist = F.pairwise_distance(bank, bank, "cosine")
     torch.testing.assert_close(dist.float(), torch.tensor([[1.0, 1.0], [1.0, 0.0]]),

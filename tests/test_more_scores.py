@@ -104,6 +104,18 @@ def test_classwise_module_equals_functional_equals_per_class_brute_force(metric,
     torch.testing.assert_close(one_chunk.score_with_preds(query, preds), module)
 
 
+def test_classwise_search_recomputes_half_precision_norms():
+    # float16 squared norms overflow (200^2 * 2 > 65504): the search recomputes them, as every
+    # search does (stored_norms_usable), instead of ranking row 0 at an infinite distance
+    banks = torch.tensor([[[200.0, 200.0], [0.0, 0.0]]])
+    query, classes = torch.tensor([[199.0, 199.0]]), torch.tensor([0])
+    half_norms = banks.pow(2).sum(-1).half()
+    assert torch.isinf(half_norms[0, 0])
+    d, i = F.classwise_knn_search(query, banks, classes, 1, bank_sq_norms=half_norms)
+    torch.testing.assert_close(d, torch.tensor([[2.0**0.5]]))
+    assert i.tolist() == [[0]]
+
+
 def test_classwise_bank_layout_is_padded_per_class_with_inf():
     X, y, _, _ = classwise_data()
     score = ClassWiseKNNScore(k=3).fit(X, y)

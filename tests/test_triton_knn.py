@@ -248,7 +248,7 @@ def test_finish_kernel_ranks_exact_distances_with_ties_by_position_and_nan_last(
     bank = torch.randn(3000, 96, generator=g).to(device="cuda", dtype=torch.bfloat16)
     query = torch.randn(40, 96, generator=g).to(device="cuda", dtype=torch.bfloat16)
     chosen = torch.stack([torch.randperm(3000, generator=g)[:62] for _ in range(40)]).int().cuda()
-    chosen[5, 20] = chosen[5, 3]  # the same row twice: equal distances, the first position wins
+    bank[chosen[5, 20]] = bank[chosen[5, 3]]  # two rows, one content: the first position wins
     bank[chosen[9, 0]] = float("nan")  # a NaN distance ranks after every number
     dist, rows = _kernels().knn_finish(query, bank, chosen, 50, cosine, out_dtype)
     rows_of = bank[chosen.long()].float()

@@ -10,6 +10,7 @@ from selectorch.functional.distances import (
     normalize_rows,
     pairwise_distance,
     sorted_euclidean,
+    stored_norms_usable,
 )
 from selectorch.functional.knn import _work_dtype, knn_statistic, merge_topk
 
@@ -162,9 +163,9 @@ def _search(
         dot = torch.bmm(block, q.unsqueeze(2)).squeeze(2)  # (B, c)
         if euclidean:
             norms = (
-                block.pow(2).sum(dim=2)
-                if bank_sq_norms is None
-                else bank_sq_norms[cls, start:stop].to(dtype)
+                bank_sq_norms[cls, start:stop].to(dtype)
+                if stored_norms_usable(bank_sq_norms)
+                else block.pow(2).sum(dim=2)
             )
             d = (q_sq + norms - 2.0 * dot).clamp_min(0.0)
         else:

@@ -28,8 +28,9 @@ def normalize_rows(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch
 
     ``F.normalize``'s default floor ``1e-12`` underflows to zero in float16, so an all-zero
     row became ``0 / 0 = NaN`` there (a zero vector in every other dtype). The floor here is
-    the larger of ``1e-12`` and the dtype's smallest normal number: the same result in
-    float32, bfloat16 and float64, and a zero row stays zero in float16.
+    the larger of ``1e-12`` and the dtype's smallest positive (subnormal) number: the same
+    result in float32, bfloat16 and float64; in float16 a zero row stays zero and every other
+    row, whose norm is at least that number, still gets unit norm.
 
     Args:
         x: Rows to normalise, shape ``(..., D)``.
@@ -38,7 +39,8 @@ def normalize_rows(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch
     Returns:
         Tensor of ``x``'s shape and dtype with unit-norm (or zero) rows.
     """
-    eps = max(1e-12, torch.finfo(x.dtype).tiny)
+    info = torch.finfo(x.dtype)
+    eps = max(1e-12, info.tiny * info.eps)  # float16: 2**-24
     return F.normalize(x, dim=-1, eps=eps, out=out)
 
 

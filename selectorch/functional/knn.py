@@ -12,6 +12,7 @@ from selectorch.functional.distances import (
     pass_rows,
     prepare_bank,
     sorted_euclidean,
+    stored_norms_usable,
 )
 from selectorch.functional.knn_cpu import search_cpu as _search_cpu
 from selectorch.functional.topk import merge_topk
@@ -118,11 +119,7 @@ def _use_cpu_blocked(
         return False
     if bank.shape[0] < CPU_BLOCKED_MIN_ROWS or query.shape[0] == 0:
         return False
-    norms_usable = bank_sq_norms is not None and bank_sq_norms.dtype in (
-        torch.float32,
-        torch.float64,
-    )
-    if norms_usable:
+    if stored_norms_usable(bank_sq_norms):
         return bool(torch.isfinite(bank_sq_norms).all())
     # step by step: torch.isfinite of a whole bank allocates more than the bank again
     step = pass_rows(bank)

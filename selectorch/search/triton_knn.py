@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from selectorch.functional.distances import stored_norms_usable
+
 __all__ = ["FUSED_MIN_WORK", "MAX_K", "fused_knn_search", "supports", "use_fused"]
 
 METRICS = ("euclidean", "cosine")
@@ -398,13 +400,15 @@ def _fused_search(
     out_dtype = torch.promote_types(query.dtype, bank.dtype)
     cosine = metric == "cosine"
     if cosine:
-        query_f = F.normalize(query.float(), dim=1)
+        # contiguous: knn_finish reads each query row as one run (a transposed input keeps
+        # its layout through normalize)
+        query_f = F.normalize(query.float(), dim=1).contiguous()
         bias, scale = query_f, -1.0  # bias unused
     else:
         # the exact distances read the query in fp32 from its own dtype (exact for fp16, bf16
         # and fp32); fp64 is rounded to fp32 first, as the plain path does
         query_f = (query if query.dtype != torch.float64 else query.float()).contiguous()
-        if bank_sq_norms is None:
+        if not stored_norms_usable(bank_sq_norms):  # none, or half (overflowed or coarse)
             bank_sq_norms = torch.linalg.vector_norm(bank, dim=1, dtype=torch.float32).square()
         bias, scale = bank_sq_norms.to(torch.float32).contiguous(), -2.0
     # (a no-op when the query already has the bank's dtype; fp16/bf16/fp32 convert directly

@@ -75,6 +75,24 @@ def test_fp32_fused_search_equals_plain_search(metric, n_query, k):
 
 
 @gpu
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_transposed_queries_and_half_norms_give_the_plain_result(metric):
+    query, bank = make(300, 20_011, 96, metric=metric, seed=5)
+    d, i = fused_knn_search(query, bank, 10, metric=metric)
+    strided = query.T.contiguous().T  # the same values, column-major
+    assert not strided.is_contiguous()
+    d_t, i_t = fused_knn_search(strided, bank, 10, metric=metric)
+    assert (i_t == i).float().mean() >= 0.999
+    torch.testing.assert_close(d_t, d, rtol=1e-5, atol=1e-5)
+    if metric == "euclidean":
+        # half-precision norms are recomputed (as every search does), not used as given:
+        # these, all 65504, would rank every row by -2 q.b alone
+        wrong = torch.full((bank.shape[0],), 65504.0, dtype=torch.float16, device="cuda")
+        d_h, i_h = fused_knn_search(query, bank, 10, metric=metric, bank_sq_norms=wrong)
+        assert torch.equal(i_h, i) and torch.equal(d_h, d)
+
+
+@gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_reduced_precision_recall_against_fp32_exact_search(dtype, metric):

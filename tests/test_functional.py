@@ -237,6 +237,9 @@ def test_stored_norms_are_used_only_in_single_or_double_precision(dtype):
     assert stored_norms_usable(None) is False
     expected = [7.0, 9.0] if full else [25.0, 1.0]
     assert chunk_sq_norms(rows, stored, 0, torch.float32).tolist() == expected
+    # pairwise_distance follows the same rule
+    squared = F.pairwise_distance(torch.zeros(1, 2), rows, squared=True, bank_sq_norms=stored)
+    assert squared.tolist() == [expected]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])

@@ -81,7 +81,8 @@ def pairwise_distance(
         bank: Reference embeddings, shape ``(M, D)``.
         metric: ``"euclidean"`` or ``"cosine"``.
         squared: For euclidean, return squared distances (cheaper, same order).
-        bank_sq_norms: Optional precomputed ``(M,)`` squared norms of ``bank`` (euclidean only).
+        bank_sq_norms: Optional precomputed ``(M,)`` squared norms of ``bank`` (euclidean only;
+            used when float32 or float64, see :func:`stored_norms_usable`).
         bank_normalized: For cosine, whether ``bank`` rows already have unit norm (as
             :func:`prepare_bank` leaves them); otherwise they are normalised here.
 
@@ -97,7 +98,7 @@ def pairwise_distance(
     if metric == "cosine":
         bank = bank if bank_normalized else normalize_rows(bank)
         return 1.0 - normalize_rows(query) @ bank.T
-    if bank_sq_norms is None:
+    if not stored_norms_usable(bank_sq_norms):
         bank_sq_norms = bank.pow(2).sum(dim=1)
     sq = (query.pow(2).sum(dim=1, keepdim=True) + bank_sq_norms) - 2.0 * (query @ bank.T)
     sq = sq.clamp_min(0.0)

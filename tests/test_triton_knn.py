@@ -286,14 +286,58 @@ def test_finish_kernel_ranks_exact_distances_with_ties_by_position_and_nan_last(
     assert torch.isnan(nan_row[9, -1]) and torch.isfinite(nan_row[9, :-1]).all()
 
 
+def test_sample_groups_leave_at_least_32_groups_per_selected_rank():
+    from selectorch.search.triton_knn import _sample_group
+
+    # headline: 40,037 sample rows, 62 ranks -> groups of 20 (2,001 keys)
+    assert _sample_group(40_037, 62, 32) == 20
+    assert _sample_group(40_037, 62, 8) == 8  # capped
+    assert _sample_group(4_106, 62, 32) == 2
+    assert _sample_group(1_000, 62, 32) == 1  # too few rows: the scores themselves
+
+
+@gpu
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_group_minima_bound_the_sample_scores(transposed, has_bias):
+    from selectorch.search.triton_knn import _kernels
+
+    ops = _kernels()
+    g = torch.Generator(device="cuda").manual_seed(3)
+    n_query, n_rows, group = 300, 10_007, 7
+    prod = torch.randn(n_query, n_rows, device="cuda", generator=g)
+    if transposed:  # the layout of the sample product (sample @ q.T).T
+        prod = prod.T.contiguous().T
+    prod[4, 123] = float("nan")
+    bias_all = 10 * torch.rand(3 * n_rows, device="cuda", generator=g)
+    bias = bias_all[::3]
+    keys = ops.knn_group_minima(prod, bias, -2.0, has_bias, group)
+    n_keys = n_rows // group
+    assert keys.shape == (n_keys, n_query)
+    score = (-2.0 * prod + (bias if has_bias else 0.0)).nan_to_num(nan=float("inf"))
+    # key j: the smallest score of rows j, j + n_keys, ... (the last n_rows % group rows out)
+    ref = score[:, : n_keys * group].unflatten(1, (group, n_keys)).amin(1)
+    assert torch.equal(keys.T, ref)
+    # the bound over the keys is never below the k-th smallest score of the sample
+    query = torch.randn(n_query, 16, device="cuda", generator=g)  # (read for the margin, 0)
+    tau = ops.knn_threshold(keys.T, query, keys, bias_all.max(), keys, 1.0, 0.0, 50,
+                            False, False, False, False)
+    kth = score.topk(50, dim=1, largest=False).values.amax(1)
+    assert (tau >= kth).all()
+    torch.testing.assert_close(tau, ref.topk(50, dim=1, largest=False).values.amax(1))
+
+
 @gpu
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_refined_sample_threshold_keeps_the_exact_neighbours(metric, dtype):
-    # bank large enough for the second, kernel-made sample bound (step >= 4 * refine_step)
+@pytest.mark.parametrize("config", [
+    dict(),  # a dense first sample reduced to group minima (every 32nd row, groups of 8)
+    dict(sample_step=1024, sample_group=1),  # a sparse one, refined by the kernel (step 520)
+])
+def test_sample_thresholds_keep_the_exact_neighbours(metric, dtype, config):
     query, bank = make(130, 150_000, 64, metric=metric, seed=12)
     rows = bank.to(dtype)
-    d, i = fused_knn_search(query, rows, 10, metric=metric)
+    d, i = fused_knn_search(query, rows, 10, metric=metric, _config=config)
     d_ref, i_ref = knn_search(query, rows.float(), 10, metric=metric)
     assert recall(i, i_ref) >= (0.999 if dtype == torch.float32 else 0.99)
     if dtype == torch.float32:

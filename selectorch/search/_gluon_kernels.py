@@ -285,7 +285,7 @@ def launch_candidates(query: torch.Tensor, bank: torch.Tensor, bias: torch.Tenso
     values = torch.empty(shape, dtype=torch.float32, device=dev)
     indices = torch.empty(shape, dtype=torch.int32, device=dev)
     grid = ((n_query + block_q - 1) // block_q, lay.n_splits)
-    redo = torch.empty(grid, dtype=torch.int32, device=dev)
+    redo = torch.zeros(grid, dtype=torch.int32, device=dev)  # the merge's programs raise flags
     with torch.cuda.device(dev):
         _knn_candidates_ws_kernel[grid](
             q_desc, b_desc, bias, tau, buf_val, buf_idx, counts,

@@ -102,10 +102,16 @@ def _candidates(query_k: torch.Tensor, bank: torch.Tensor, bias: torch.Tensor,
     if refine:
         stages = cfg["refine_stages"] or stages
         splits, tma = cfg["refine_splits_per_sm"], cfg["refine_tma"]
+    ws = (cfg["refine_ws"] or not refine) and _use_ws(bank, cfg)
+    if splits is None:
+        # the Gluon kernel's programs fill a multiprocessor each (shared-memory stages): one
+        # wave of long splits beat two of half as long (2.47-2.53 vs 2.66-2.77 ms, headline
+        # case, and a selection over half the columns); the Triton kernel runs two at a time
+        splits = 1 if ws else 2
     args = (query_k, bank, bias, tau, scale, has_bias, n_sel, cfg["block_q"], cfg["block_n"],
             cfg["block_d"], cfg["num_warps"], stages, splits, precision, cfg["chunk_tiles"],
             cfg["rounds"], cfg["maxnreg"], sample_step, tma, cfg["epilogue"])
-    if (cfg["refine_ws"] or not refine) and _use_ws(bank, cfg):
+    if ws:
         return _gluon().knn_candidates_ws(*args, cfg["ws_stages"], cfg["ws_regs"])
     return _kernels().knn_candidates(*args)
 
@@ -170,9 +176,10 @@ def _default_config(n_query: int, dim: int, dtype: torch.dtype) -> dict[str, Any
         block_d = min(block_d, 32)
     # few queries: the pass is bound by reading the bank, a second sample costs more than the
     # candidates it saves
-    cfg: dict[str, Any] = dict(block_d=block_d, splits_per_sm=2, chunk_tiles=4, rounds=2,
+    cfg: dict[str, Any] = dict(block_d=block_d, splits_per_sm=None, chunk_tiles=4, rounds=2,
                                maxnreg=0, sample=True, sample_step=128, refine_step=0,
-                               refine_splits_per_sm=1, refine_stages=0, refine_tma=True, tma=True,
+                               sample_group=1, refine_splits_per_sm=1, refine_stages=0,
+                               refine_tma=True, tma=True,
                                epilogue=1, ws=True, refine_ws=False, ws_stages=6, ws_regs=240)
     if n_query <= 16:
         return dict(cfg, block_q=16, block_n=128, num_warps=4, num_stages=4)
@@ -180,8 +187,12 @@ def _default_config(n_query: int, dim: int, dtype: torch.dtype) -> dict[str, Any
         return dict(cfg, block_q=32, block_n=128, num_warps=4, num_stages=4)
     if n_query <= 64:
         return dict(cfg, block_q=64, block_n=128, num_warps=4, num_stages=4)
-    cfg.update(block_q=128, block_n=128, num_warps=8, num_stages=3, sample_step=1024,
-               refine_step=32)
+    # a large first sample (every 32nd row) reduced to group minima, instead of a small one
+    # refined by a second through the candidates kernel: its product costs ~0.09 ms and its
+    # bound ~0.04 ms, the refinement ~0.24 ms (headline case, H100); with many queries the
+    # sample gets sparser (at most ~2**24 scores) and the refinement runs again
+    cfg.update(block_q=128, block_n=128, num_warps=8, num_stages=3, sample_step=32,
+               sample_group=32, refine_step=32)
     if dtype != torch.float32:
         # 128 x 256 tiles: the query tile is re-read from L2 half as often (chunks of 2 tiles
         # keep the candidate buffers at the size of 4 tiles of 128); the three-pass fp32
@@ -252,6 +263,18 @@ def _sample_threshold(
     return _bound(kth, query_k, bias, scale, rel_error)
 
 
+def _sample_group(rows: int, n_sel: int, most: int) -> int:
+    """Rows per group of the first sample's bound: at most ``most``, at least ``32 n_sel`` groups.
+
+    The ``n_sel``-th smallest of ``rows / g`` group minima bounds the ``n_sel``-th smallest
+    score as the scores themselves do (:func:`~._triton_kernels.knn_group_minima`); with that
+    many groups two of the ``n_sel`` smallest scores rarely share a group (the bound passes
+    about ``(g - 1) / 64`` more scores than the exact one, ~2% at 2,000 groups), and the
+    selection reads ``g`` times fewer keys.
+    """
+    return max(1, min(most, rows // (32 * n_sel)))
+
+
 @torch.compiler.assume_constant_result
 def _fp32_precision() -> str:
     # follow torch's own switch: "highest" (the default) keeps fp32 accuracy with three tf32
@@ -271,10 +294,12 @@ def _threshold(
 ) -> torch.Tensor:
     """The kernel's starting threshold (B,): an upper bound on each query's n_sel-th score.
 
-    A small strided sample (every ``step``-th row) through torch's product gives a first
-    bound; a larger one (about every ``refine_step``-th row, rounded so that its programs fill
-    one wave) through the candidates kernel itself, starting from that bound, a tighter one,
-    so that the full pass appends only ~``n_sel * refine_step`` candidates per query. Each
+    A strided sample (every ``step``-th row) through torch's product gives a first bound
+    (with ``sample_group``, from the minima of groups of its rows: :func:`_sample_group`);
+    where that sample is sparse, a denser one (about every ``refine_step``-th row, rounded so
+    that its programs fill one wave) through the candidates kernel itself, starting from that
+    bound, a tighter one, so that the full pass appends only ~``n_sel * min(step,
+    refine_step)`` candidates per query. Each
     bound is the sample's ``n_sel``-th smallest score (:func:`knn_threshold`, one kernel that
     also adds the rounding margin and keeps the smaller of the two bounds): the sample's rows
     are bank rows, so it bounds the bank's. The margin covers the rounding of the sample's
@@ -315,8 +340,14 @@ def _threshold(
         # cosine: no bias, b_max = 1 (unused tensors below are placeholders, never read)
         bias_max = prod if cosine else bias.max()
         sample_bias = prod if cosine else bias[::step]
-        tau = ops.knn_threshold(prod, query_k, sample_bias, bias_max, prod, scale, margin,
-                                n_sel, True, not cosine, not cosine, False)
+        group = _sample_group(prod.shape[1], n_sel, cfg["sample_group"])
+        if group > 1:
+            keys = ops.knn_group_minima(prod, sample_bias, scale, not cosine, group).T
+            tau = ops.knn_threshold(keys, query_k, keys, bias_max, keys, 1.0, margin, n_sel,
+                                    False, False, not cosine, False)
+        else:
+            tau = ops.knn_threshold(prod, query_k, sample_bias, bias_max, prod, scale, margin,
+                                    n_sel, True, not cosine, not cosine, False)
     fine = cfg["refine_step"]
     if fine and step >= 4 * fine:
         sub_vals, _ = _candidates(query_k, bank, bias, tau, scale, not cosine, n_sel, precision,

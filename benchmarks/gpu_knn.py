@@ -237,6 +237,11 @@ def header() -> str:
 
 SWEEP = [
     dict(),
+    # the threshold and splits of 2026-11-23 04:53 (a sparse sample refined by the kernel)
+    dict(sample_step=1024, sample_group=1, splits_per_sm=2),
+    dict(splits_per_sm=2),
+    dict(sample_group=8),
+    dict(sample_step=16, sample_group=64),
     dict(tma=False, epilogue=0, num_stages=3, refine_tma=False),  # the kernel of 2026-11-22
     dict(tma=False),
     dict(epilogue=0),
@@ -269,12 +274,8 @@ def parts(query, bank, norms, k) -> None:
     t_sample = bench(lambda: tk._threshold(q, bank, norms, -2.0, False, n_sel, "tf32", cfg))
     tau = tk._threshold(q, bank, norms, -2.0, False, n_sel, "tf32", cfg)
 
-    def kernel():
-        return ops.knn_candidates(q, bank, norms, tau, -2.0, True, n_sel, cfg["block_q"],
-                                  cfg["block_n"], cfg["block_d"], cfg["num_warps"],
-                                  cfg["num_stages"], cfg["splits_per_sm"], "tf32",
-                                  cfg["chunk_tiles"], cfg["rounds"], cfg["maxnreg"], 0,
-                                  cfg["tma"], cfg["epilogue"])
+    def kernel():  # the default's candidates pass (the Gluon kernel on Hopper)
+        return tk._candidates(q, bank, norms, tau, -2.0, True, n_sel, "tf32", cfg)
 
     t_kernel = bench(kernel)
     values, cand = kernel()

@@ -1,11 +1,11 @@
 """selectorch.distributed: several processes give exactly what one process gives.
 
 The multi-process tests start 2 and then 3 gloo processes on localhost (forked, so nothing is
-imported again), once for the whole module. Each process first runs the pipeline alone (no
-process group: the single-process reference, in the same process and thread settings), then
-with the process group, and saves both; the tests compare them. The model is elementwise, so a
-row's features never depend on the other rows of its batch: what is compared is selectorch's
-work, not the batch-size dependence of a matrix product.
+imported again; spawned on a machine with CUDA), once for the whole module. Each process first
+runs the pipeline alone (no process group: the single-process reference, in the same process
+and thread settings), then with the process group, and saves both; the tests compare them. The
+model is elementwise, so a row's features never depend on the other rows of its batch: what is
+compared is selectorch's work, not the batch-size dependence of a matrix product.
 """
 
 from __future__ import annotations
@@ -251,8 +251,11 @@ def runs(run_dir) -> dict[int, list[dict[str, Any]]]:
     """2 then 3 gloo processes (the 3 load the 2's checkpoint); results by world size."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    # fork is fast, but a forked child cannot use CUDA once this process has initialised it
-    forkable = "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
+    # fork is fast, but a forked child cannot use CUDA once this process has initialised it,
+    # which other tests in the same process may have done (on the GPU machine, after the GPU
+    # tests, the forked ranks failed with "Cannot re-initialize CUDA in forked subprocess"):
+    # spawn wherever there is a CUDA device
+    forkable = "fork" in mp.get_all_start_methods() and not torch.cuda.is_available()
     method = "fork" if forkable else "spawn"
     return {
         world: launch(

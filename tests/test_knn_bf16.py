@@ -305,7 +305,9 @@ def test_the_bias_is_added_in_float32():
 def test_product_error_covers_float32_sums_of_exact_inputs(dim):
     """bfloat16-exact operands and cancelling products: only the float32 sums err."""
     g = torch.Generator().manual_seed(dim)
-    scale = 2.0 ** torch.randint(-4, 8, (300, dim // 2), generator=g)
+    # magnitudes over 2**24: most sums round in any order (with 2**-4..2**8 none of the D = 64
+    # sums rounded on an AMX CPU, and the test had nothing to check)
+    scale = 2.0 ** torch.randint(-12, 12, (300, dim // 2), generator=g)
     x = (torch.randn(300, dim // 2, generator=g) * scale).bfloat16().float()
     bank = torch.cat([x, -x.roll(1, dims=1)], dim=1)
     query = torch.ones(40, dim)

@@ -196,6 +196,23 @@ def _append_tile(acc, n0, stop, offs_t, bias_ptr, stride_bias, scale, val_ptr, i
 
 
 @triton.jit
+def _write_top(buf_val, buf_idx, slot0, count, tau, out_val, out_idx, rows, r_ok, pid_s,
+               n_splits, K: tl.constexpr, KP: tl.constexpr, CH: tl.constexpr,
+               BLOCK_Q: tl.constexpr):
+    """The split's top ``K`` of every row's buffer (compacted first where it holds more),
+    padded with ``+inf`` to ``KP`` slots, into the dense ``(B, n_splits * KP)`` output."""
+    if tl.max(count, axis=0) > K:
+        count, tau = _compact(buf_val, buf_idx, slot0, count, tau, K, CH, BLOCK_Q)
+    cols = tl.arange(0, KP)
+    filled = cols[None, :] < count[:, None]
+    v = tl.load(buf_val + slot0[:, None] + cols[None, :], mask=filled, other=float("inf"))
+    i = tl.load(buf_idx + slot0[:, None] + cols[None, :], mask=filled, other=0)
+    out = (rows[:, None] * n_splits + pid_s) * KP + cols[None, :]
+    tl.store(out_val + out, v, mask=r_ok[:, None])
+    tl.store(out_idx + out, i, mask=r_ok[:, None])
+
+
+@triton.jit
 def _knn_candidates_kernel(
     q_ptr, b_ptr, bias_ptr, tau_ptr, buf_val, buf_idx, out_val, out_idx, redo_ptr,
     B, M, rows_per_split, n_splits, stride_q, stride_b, stride_bias, scale,
@@ -251,16 +268,8 @@ def _knn_candidates_kernel(
                                      buf_idx, slot0, count, tau, E, HAS_BIAS, BLOCK_N,
                                      EPI)
                 acc = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
-    if tl.max(count, axis=0) > K:
-        count, tau = _compact(buf_val, buf_idx, slot0, count, tau, K, CH, BLOCK_Q)
-    # the split's top-K (or fewer), padded with +inf to KP slots, into the dense output
-    cols = tl.arange(0, KP)
-    filled = cols[None, :] < count[:, None]
-    v = tl.load(buf_val + slot0[:, None] + cols[None, :], mask=filled, other=float("inf"))
-    i = tl.load(buf_idx + slot0[:, None] + cols[None, :], mask=filled, other=0)
-    out = (offs_q[:, None] * n_splits + pid_s) * KP + cols[None, :]
-    tl.store(out_val + out, v, mask=q_ok[:, None])
-    tl.store(out_idx + out, i, mask=q_ok[:, None])
+    _write_top(buf_val, buf_idx, slot0, count, tau, out_val, out_idx, offs_q, q_ok, pid_s,
+               n_splits, K, KP, CH, BLOCK_Q)
 
 
 @triton.jit
@@ -304,17 +313,9 @@ def _merge_halves_kernel(buf_val, buf_idx, cnt_ptr, out_val, out_idx, redo_ptr, 
         i = tl.load(buf_idx + slot0[:, None] + H + cols[None, :], mask=mv, other=0)
         tl.store(buf_val + slot0[:, None] + n0[:, None] + cols[None, :], v, mask=mv)
         tl.store(buf_idx + slot0[:, None] + n0[:, None] + cols[None, :], i, mask=mv)
-    count = n0 + n1
-    # (the reduction's barrier makes the copies visible to the compaction's threads)
-    if tl.max(count, axis=0) > K:
-        count, tau = _compact(buf_val, buf_idx, slot0, count, tau, K, CH, BLOCK_Q)
-    cols = tl.arange(0, KP)
-    filled = cols[None, :] < count[:, None]
-    v = tl.load(buf_val + slot0[:, None] + cols[None, :], mask=filled, other=float("inf"))
-    i = tl.load(buf_idx + slot0[:, None] + cols[None, :], mask=filled, other=0)
-    out = (rows[:, None] * n_splits + pid_s) * KP + cols[None, :]
-    tl.store(out_val + out, v, mask=r_ok[:, None])
-    tl.store(out_idx + out, i, mask=r_ok[:, None])
+    # (the reduction's barrier in _write_top makes the copies visible to the compaction)
+    _write_top(buf_val, buf_idx, slot0, n0 + n1, tau, out_val, out_idx, rows, r_ok, pid_s,
+               n_splits, K, KP, CH, BLOCK_Q)
 
 
 #: Rows per program of the merge of the halves, and its warps (on an H100, headline case: 16

@@ -334,9 +334,27 @@ def test_group_minima_bound_the_sample_scores(transposed, has_bias):
     dict(),  # a dense first sample reduced to group minima (every 32nd row, groups of 8)
     dict(sample_step=1024, sample_group=1),  # a sparse one, refined by the kernel (step 520)
 ])
-def test_sample_thresholds_keep_the_exact_neighbours(metric, dtype, config):
+def test_sample_thresholds_keep_the_exact_neighbours(monkeypatch, metric, dtype, config):
+    from selectorch.search import triton_knn as tk
+
+    ops = tk._kernels()
     query, bank = make(130, 150_000, 64, metric=metric, seed=12)
     rows = bank.to(dtype)
+    # the bound is at or above every query's n_sel-th smallest score of the whole bank
+    cosine = metric == "cosine"
+    q = F.normalize(query, dim=1) if cosine else query
+    q_k = q.to(dtype)
+    bias = rows.float().pow(2).sum(1)
+    scale = -1.0 if cosine else -2.0
+    cfg = dict(tk._default_config(130, 64, dtype), **config)
+    n_sel = tk._n_selected(10, rows.shape[0])
+    calls = []
+    group_minima = ops.knn_group_minima
+    monkeypatch.setattr(ops, "knn_group_minima", lambda *a: calls.append(a[-1]) or group_minima(*a))
+    tau = tk._threshold(q_k, rows, bias, scale, cosine, n_sel, "tf32x3", cfg)
+    assert calls == ([8] if not config else [])  # groups of 8 rows on the default path only
+    score = scale * (q_k.float() @ rows.float().T) + (0.0 if cosine else bias)
+    assert (tau >= score.kthvalue(n_sel, dim=1).values).all()
     d, i = fused_knn_search(query, rows, 10, metric=metric, _config=config)
     d_ref, i_ref = knn_search(query, rows.float(), 10, metric=metric)
     assert recall(i, i_ref) >= (0.999 if dtype == torch.float32 else 0.99)
@@ -345,6 +363,36 @@ def test_sample_thresholds_keep_the_exact_neighbours(metric, dtype, config):
     # the same search without any threshold gives the same neighbours
     _, i_all = fused_knn_search(query, rows, 10, metric=metric, _config=dict(sample=False))
     assert recall(i, i_all) >= 0.999
+
+
+def test_bound_rises_above_a_kth_that_swallows_the_margin():
+    from selectorch.search.triton_knn import _bound
+
+    # a zero query's margin (rel_error * 1e-30) is lost in kth = 64: the bound must still be
+    # above kth, or scores tied at kth (candidates pass only below the bound) are all lost
+    kth = torch.tensor([64.0, 1e6, 0.0, -3.0])
+    tau = _bound(kth, torch.zeros(4, 8), None, -2.0, 1e-6)
+    assert (tau > kth).all()
+    assert tau[0] == torch.nextafter(torch.tensor(64.0), torch.tensor(100.0))
+    # an ordinary margin is kept as it is
+    ok = _bound(torch.tensor([1.0]), torch.ones(1, 4), None, -2.0, 1e-3)
+    torch.testing.assert_close(ok, torch.tensor([1.0 + 2e-3 * (2 * 1.01 + 1e-30)]))
+
+
+@gpu
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("n_query", [20, 200])  # topk bound / selection-kernel bound
+def test_zero_queries_with_tied_scores_get_k_distinct_rows(metric, n_query):
+    # every score ties with the bound's kth, and a zero query's margin is lost in its rounding
+    g = torch.Generator().manual_seed(4)
+    bank = (torch.randint(0, 2, (50_000, 64), generator=g) * 2 - 1).float()
+    if metric == "cosine":
+        bank = F.normalize(bank, dim=1)
+    query = torch.zeros(n_query, 64, device="cuda")
+    d, i = fused_knn_search(query, bank.cuda().bfloat16(), 10, metric=metric)
+    assert all(len(set(row.tolist())) == 10 for row in i.cpu())
+    expected = 8.0 if metric == "euclidean" else 1.0
+    assert torch.equal(d.float(), torch.full((n_query, 10), expected, device="cuda"))
 
 
 @gpu
@@ -392,12 +440,14 @@ def test_tf32_precision_setting_keeps_recall():
 
 
 @gpu
-@pytest.mark.parametrize(("dtype", "maxnreg", "n_query"), [
-    (torch.bfloat16, 0, 32), (torch.bfloat16, 128, 32), (torch.float32, 128, 32),
-    (torch.bfloat16, 0, 160),  # enough queries for the selection kernels
+@pytest.mark.parametrize(("dtype", "maxnreg", "n_query", "n_bank"), [
+    (torch.bfloat16, 0, 32, 8000), (torch.bfloat16, 128, 32, 8000),
+    (torch.float32, 128, 32, 8000),
+    (torch.bfloat16, 0, 160, 8000),  # enough queries for the selection kernels
+    (torch.bfloat16, 0, 160, 40_000),  # and a sample reduced to group minima (groups of 2)
 ])
-def test_compile_fullgraph_matches_eager_without_recompiling(dtype, maxnreg, n_query):
-    query, bank = make(n_query, 8000, 64, dtype=dtype)
+def test_compile_fullgraph_matches_eager_without_recompiling(dtype, maxnreg, n_query, n_bank):
+    query, bank = make(n_query, n_bank, 64, dtype=dtype)
     norms = bank.float().pow(2).sum(1)
 
     def search(x):
@@ -425,7 +475,7 @@ def test_warp_specialised_kernel_equals_the_triton_kernel(dtype, metric, n_query
     # the Gluon kernel (Hopper; elsewhere both runs take the Triton kernel) chooses the same
     # candidates from the same scores, also as the refinement sample's kernel (a sparse first
     # sample: the 70,000-row bank is refined from every 243rd row); the Triton run starts from
-    # the default group-minima bound
+    # the default bound (for the 70,000-row bank from group minima, groups of 3)
     query, bank32 = make(n_query, n_bank, dim, metric=metric, seed=5)
     bank = bank32.to(dtype)
     sparse = dict(sample_step=1024, sample_group=1)

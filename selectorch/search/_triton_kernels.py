@@ -319,7 +319,7 @@ def _merge_halves_kernel(buf_val, buf_idx, cnt_ptr, out_val, out_idx, redo_ptr, 
 
 
 #: Rows per program of the merge of the halves, and its warps (on an H100, headline case: 16
-#: rows and 4 warps 0.022-0.024 ms, 128 rows and 8 warps 0.077-0.079 ms).
+#: rows and 4 warps 0.022-0.024 ms, 128 rows and 8 warps 0.073-0.079 ms).
 MERGE_ROWS, MERGE_WARPS = 16, 4
 
 
@@ -412,8 +412,8 @@ def _group_min_kernel(x_ptr, bias_ptr, out_ptr, B, n_keys, G, stride_xb, stride_
     low = tl.full([BLOCK_K, BLOCK_B], float("inf"), dtype=tl.float32)
     for g in tl.range(0, G, num_stages=3):
         r = g * n_keys + j
-        x = tl.load(x_ptr + r.to(tl.int64)[:, None] * stride_xr + b[None, :] * stride_xb,
-                    mask=ok, other=0.0)
+        x = tl.load(x_ptr + r.to(tl.int64)[:, None] * stride_xr
+                    + b.to(tl.int64)[None, :] * stride_xb, mask=ok, other=0.0)
         s = (scale * x).to(tl.float32)  # inductor passes float arguments as fp64
         if HAS_BIAS:
             s += tl.load(bias_ptr + r * stride_bias, mask=j < n_keys, other=0.0)[:, None]
@@ -516,7 +516,11 @@ def _select_kernel(
         q_norm = tl.sqrt(sq)
         if HAS_BMAX:
             q_norm = q_norm * tl.sqrt(tl.maximum(tl.load(bmax_ptr).to(tl.float32), 0.0))
-        tau = _key_to_float(t) + (margin_scale * (q_norm * 1.01 + 1e-30)).to(tl.float32)
+        kth = _key_to_float(t)
+        tau = kth + (margin_scale * (q_norm * 1.01 + 1e-30)).to(tl.float32)
+        # a margin below half an ulp of kth (a zero or tiny query) leaves tau == kth, and the
+        # candidates pass only below tau: the next float up, so that ties at kth pass
+        tau = tl.where(tau > kth, tau, _key_to_float(t + 1))
         # an overflowed or NaN bound would reject real neighbours: fall back to no bound
         tau = tl.where((tau == tau) & (tl.abs(tau) < float("inf")), tau, float("inf"))
         if HAS_PREV:

@@ -273,9 +273,9 @@ def _sample_group(rows: int, n_sel: int, most: int) -> int:
     The ``n_sel``-th smallest of ``rows / g`` group minima bounds the ``n_sel``-th smallest
     score as the scores themselves do (:func:`~._triton_kernels.knn_group_minima`); with that
     many groups two of the ``n_sel`` smallest scores rarely share a group (the bound passes
-    a fraction of about ``(g - 1) n_sel / (2 rows)`` more scores than the exact one: ``(g - 1) / (64 g)``
-    at ``32 n_sel`` groups: 1.5% for the headline's groups of 20), and the selection reads
-    ``g`` times fewer keys.
+    a fraction of about ``(g - 1) n_sel / (2 rows)`` more scores than the exact one:
+    ``(g - 1) / (64 g)`` at ``32 n_sel`` groups, 1.5% for the headline's groups of 20), and
+    the selection reads ``g`` times fewer keys.
     """
     return max(1, min(most, rows // (32 * n_sel)))
 

@@ -23,9 +23,8 @@ from types import ModuleType
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from selectorch.functional.distances import stored_norms_usable
+from selectorch.functional.distances import normalize_rows, stored_norms_usable
 
 __all__ = ["FUSED_MIN_WORK", "MAX_K", "fused_knn_search", "supports", "use_fused"]
 
@@ -438,7 +437,7 @@ def _fused_search(
     if cosine:
         # contiguous: knn_finish reads each query row as one run (a transposed input keeps
         # its layout through normalize)
-        query_f = F.normalize(query.float(), dim=1).contiguous()
+        query_f = normalize_rows(query.float()).contiguous()
         bias, scale = query_f, -1.0  # bias unused
     else:
         # the exact distances read the query in fp32 from its own dtype (exact for fp16, bf16
